@@ -76,3 +76,21 @@ def test_smollm2_readout_and_paris(smollm2):
     with torch.no_grad():
         nxt = smollm2(tokens)[0, -1].argmax().item()
     assert a.to_str_tokens([nxt])[0] == " Paris"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_models_read_in_their_dtype(dtype):
+    from conftest import GENERATION
+    from embedwalk.testing import tiny_model
+
+    model = tiny_model("llama", GENERATION, dtype=dtype)
+    a = ew.adapt(model)
+    assert a.dtype == dtype
+    tokens = torch.randint(2, a.d_vocab, (2, 7))
+    resid = _final_resid(model, a, tokens)
+    assert resid.dtype == dtype
+    with torch.no_grad():
+        mine = a.readout(resid)
+        own = model(tokens)
+    assert mine.dtype == dtype
+    assert (mine.float().log_softmax(-1) - own.float().log_softmax(-1)).abs().max() <= 1e-5
