@@ -5,8 +5,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 EMBEDWALK_CACHE=${EMBEDWALK_CACHE:-$PWD/.cache/embedwalk}
-bash scripts/setup.sh .venv || exit 1
-bash scripts/setup.sh .venv-tl3 "transformer-lens==3.9.0" || exit 1
+# The two environments are independent: build them side by side.
+mkdir -p .cache
+bash scripts/setup.sh .venv > .cache/setup-tl4.log 2>&1 &
+tl4=$!
+bash scripts/setup.sh .venv-tl3 "transformer-lens==3.9.0" > .cache/setup-tl3.log 2>&1 &
+tl3=$!
+ok=0
+wait $tl4 || ok=1
+wait $tl3 || ok=1
+cat .cache/setup-tl4.log .cache/setup-tl3.log | grep -v -E "Failed to initialize NumPy|_conversion_method_template"
+[ $ok -eq 0 ] || { echo "setup failed" >&2; exit 1; }
 
 status=0
 echo "=== tests on transformer-lens 4.x (TransformerBridge) ==="
