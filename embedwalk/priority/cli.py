@@ -1,0 +1,71 @@
+"""Argparse wiring for ``embedwalk priority ...``; the main CLI only calls :func:`add_subparser`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_subparser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Add ``priority reproduce`` to the main CLI's subparsers.
+
+    Each leaf sets ``func``; the main CLI runs ``return args.func(args)``.
+    """
+    from .reproduce import _parser, cli
+
+    priority = subparsers.add_parser("priority", help="token-priority graphs (Li et al., AISTATS 2024)")
+    sub = priority.add_subparsers(dest="priority_command", metavar="{reproduce,heads}")
+    sub.required = True
+    rep = sub.add_parser(
+        "reproduce",
+        help="reproduce the paper's synthetic experiments and compare with its numbers",
+        description="Train the single-layer model on random cyclic/acyclic data sets and print "
+        "corr(W, W_svm), the finite-component gap and the attention mass on the top SCC next to "
+        "the paper's values. Exit status 1 if a checked value misses its target.",
+    )
+    _parser(rep)
+    rep.set_defaults(func=cli)
+
+    heads = sub.add_parser(
+        "heads",
+        help="score every attention head of a model for hard retrieval and soft composition",
+        description="Build token-priority graphs from the text (query token -> next token) and print, "
+        "per head, the attention mass on the predicted top-priority tokens against uniform aggregation.",
+    )
+    heads.add_argument("text", nargs="*", help="text to read (or use --text-file)")
+    heads.add_argument("--text-file", help="a text file, one passage per line")
+    heads.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, an HF folder or hub name")
+    heads.add_argument("--generation", default=None, choices=["bridge", "hooked"])
+    heads.add_argument("--top", type=int, default=15, help="rows to print, highest ratio first")
+    heads.add_argument("--png", help="write the layer x head heatmap here")
+    heads.add_argument("--csv", help="write the full table here")
+    heads.set_defaults(func=_heads)
+    return priority
+
+
+def _heads(args) -> int:
+    from pathlib import Path
+
+    import embedwalk as ew
+    from embedwalk.errors import EmbedwalkError
+    from embedwalk.testing import installed_generation
+
+    from .model import head_priority
+
+    texts = list(args.text)
+    if args.text_file:
+        texts += [line for line in Path(args.text_file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise EmbedwalkError("give text to read: embedwalk priority heads \"some text\" or --text-file FILE")
+    model = ew.load_model(args.model, generation=args.generation or installed_generation())
+    result = head_priority(model, texts)
+    df = result.to_dataframe().sort_values("ratio", ascending=False)
+    print(df.head(args.top).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        result.plot("ratio").savefig(args.png, dpi=120, bbox_inches="tight")
+        print(f"figure written to {args.png}")
+    return 0
