@@ -1,0 +1,114 @@
+"""``embedwalk lens ...``: logit lens and tuned-lens training from the command line.
+
+Other lens modules add their subcommands through ``LENS_SUBCOMMAND_MODULES``: each listed
+module that exists gets ``add_lens_subparsers(lens_subparsers)`` called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# Modules that register more `embedwalk lens <name>` subcommands (walk, decompose, decode).
+LENS_SUBCOMMAND_MODULES = ["embedwalk.lenses.cli_walk"]
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="'smollm2', a GGUF file, a Hugging Face folder or hub name")
+    p.add_argument("--generation", default=None, choices=["bridge", "hooked"], help="TransformerLens generation (default: installed)")
+    p.add_argument("--device", default=None)
+
+
+def _load(args):
+    from embedwalk.models import load_model
+    from embedwalk.testing import installed_generation
+
+    return load_model(args.model, generation=args.generation or installed_generation(), device=args.device)
+
+
+def _logit(args) -> int:
+    from embedwalk.lenses.logit import logit_lens
+    from embedwalk.lenses.tuned import TunedLens
+
+    model = _load(args)
+    translator = TunedLens.load(args.tuned, model) if args.tuned else None
+    positions = "last" if args.last else None
+    res = logit_lens(model, args.text, positions=positions, targets=args.target, top_k=args.top_k,
+                     mid=args.mid, translator=translator, chunk_size=args.chunk_size)
+    df = res.to_dataframe()
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+        print(f"wrote {len(df)} rows to {args.csv}")
+    cols = ["prompt", "pos", "layer", "token", "top1_token", "top1_prob", "target", "target_logprob", "target_rank", "entropy", "kl_to_final"]
+    shown = df if args.last else df[df.pos == df.groupby("prompt").pos.transform("max")]
+    print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.plot:
+        res.plot(args.metric).savefig(args.plot, dpi=120)
+        print(f"saved figure to {args.plot}")
+    return 0
+
+
+def _tuned_train(args) -> int:
+    from pathlib import Path
+
+    from embedwalk.lenses.logit import logit_lens
+    from embedwalk.lenses.tuned import sample_text, train_tuned_lens
+
+    model = _load(args)
+    if args.text_file:
+        paragraphs = [p for p in Path(args.text_file).read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        cut = max(1, int(0.8 * len(paragraphs)))
+        train, heldout = paragraphs[:cut], paragraphs[cut:]
+    else:
+        train, heldout = sample_text("train"), sample_text("heldout")
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    lens = train_tuned_lens(model, train, layers=layers, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, step_tokens=args.step_tokens)
+    lens.save(args.out)
+    print(f"saved tuned lens to {args.out}")
+    if heldout:
+        plain = logit_lens(model, heldout, layers=layers).layer_means()
+        tuned = logit_lens(model, heldout, layers=layers, translator=lens)
+        print("held-out mean KL(final || readout), nats:")
+        for label, a, b in zip(tuned.labels, plain.tolist(), tuned.layer_means().tolist()):
+            print(f"  {label:>6}  logit {a:8.3f}   tuned {b:8.3f}")
+    return 0
+
+
+def add_subparser(subparsers) -> None:
+    lens = subparsers.add_parser("lens", help="lenses on the residual stream (logit, tuned, ...)")
+    sub = lens.add_subparsers(dest="lens_command", metavar="LENS")
+    lens.set_defaults(func=lambda args: lens.print_help() or 0)
+
+    p = sub.add_parser("logit", help="logit (or tuned) lens of a text: top tokens, target rank, entropy, KL per layer")
+    _model_args(p)
+    p.add_argument("text", nargs="+", help="one or more prompts")
+    p.add_argument("--target", default=None, help="a one-token target string for every position (default: the next token)")
+    p.add_argument("--last", action="store_true", help="only the last position of each prompt")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--mid", action="store_true", help="also read each block's midpoint (after attention)")
+    p.add_argument("--tuned", default=None, help="folder of a tuned lens to use as translator")
+    p.add_argument("--chunk-size", type=int, default=None, help="(readout, position) rows read out at once")
+    p.add_argument("--csv", default=None, help="write the full data frame here")
+    p.add_argument("--plot", default=None, help="save the heatmap of prompt 0 here (png/pdf)")
+    p.add_argument("--metric", default="kl_to_final", help="heatmap metric (kl_to_final, entropy, target_logprob, ...)")
+    p.set_defaults(func=_logit)
+
+    p = sub.add_parser("tuned-train", help="train a tuned lens and report held-out KL against the logit lens")
+    _model_args(p)
+    p.add_argument("--text-file", default=None, help="UTF-8 text, paragraphs separated by blank lines (default: embedwalk's sample prose)")
+    p.add_argument("--out", required=True, help="folder to write tuned_lens.safetensors + config.json")
+    p.add_argument("--layers", default=None, help="comma-separated readout indices to train (default: all)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--step-tokens", type=int, default=128)
+    p.set_defaults(func=_tuned_train)
+
+    for name in LENS_SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.add_lens_subparsers(sub)

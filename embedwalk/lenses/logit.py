@@ -1,0 +1,527 @@
+"""The logit lens: read every residual readout through the model's own final norm and unembed.
+
+One streaming pass. A reader gathers the residual at the requested positions at each readout
+hook (``[readouts, positions, d_model]``, small), and at the end of each batch reads them out
+in chunks of at most ``chunk_size`` (readout, position) rows, so the peak extra memory is
+about ``chunk_size x d_vocab`` floats times a few temporaries, never
+``[readouts, batch, pos, vocab]``.
+
+Per chunk the unembedding GEMM is the cost; the metrics need few passes over the logits
+``z`` because the log-probs ``l = log_softmax(z)`` are formed in place (torch's own kernel, so the final
+readout matches the model's log-probs), and then
+
+- log p(target) = l_t, and the rank is the count of log-probs strictly above l_t;
+- top-k is one ``topk`` over l;
+- entropy H = -exp(l) . l and KL(final || layer) = sum p_f log p_f - p_f . l are row-wise dot
+  products (batched matmuls: no further [rows, vocab] temporary but exp(l)),
+
+and the final distribution (p_f, sum p_f log p_f, its top-1) is computed once per position
+chunk and reused by every readout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
+from embedwalk.errors import EmbedwalkError
+from embedwalk.inputs import Inputs, tokenize
+from embedwalk.run import Context, Reader, run
+
+__all__ = ["LogitLensResult", "LogitLensReader", "logit_lens", "default_chunk_size", "METRICS"]
+
+Positions = Union[None, str, int, Sequence[int]]
+Targets = Union[None, int, str, Sequence, Tensor]
+Translator = Callable[[Tensor, ReadoutPoint], Tensor]
+
+METRICS = ("kl_to_final", "entropy", "target_logprob", "target_rank", "top1_prob")
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """Rows of (readout, position) read out at once: ~25 MB of float32 logits per 50k vocab on
+    CPU (cache-friendly, and below TransformerLens' own peak), ~200 MB on a GPU (enough rows
+    to keep the GEMM efficient)."""
+    return 1024 if torch.device(device).type == "cuda" else 128
+
+
+# ---------------------------------------------------------------------------- result
+@dataclass
+class LogitLensResult:
+    """Per (readout, row) metrics; a row is one (prompt, position) pair.
+
+    ``target_rank`` counts vocabulary entries with a strictly higher logit (0 = top-1).
+    Positions without a target (the last token under next-token targets) hold NaN / -1.
+    ``pos`` counts real tokens of the prompt (padding never counts).
+    """
+
+    labels: list[str]
+    prompt: Int[Tensor, "row"]
+    pos: Int[Tensor, "row"]
+    token: Int[Tensor, "row"]
+    target: Int[Tensor, "row"]
+    top_ids: Int[Tensor, "readout row k"]
+    top_probs: Float[Tensor, "readout row k"]
+    target_logprob: Float[Tensor, "readout row"]
+    target_rank: Int[Tensor, "readout row"]
+    entropy: Float[Tensor, "readout row"]
+    kl_to_final: Float[Tensor, "readout row"]
+    top1_agrees: Bool[Tensor, "readout row"]
+    token_strs: dict = field(default_factory=dict, repr=False)
+    translated: bool = False
+
+    def _str(self, i: int) -> str:
+        return self.token_strs.get(int(i), f"<{int(i)}>") if i >= 0 else ""
+
+    def metric(self, name: str) -> Tensor:
+        """A [readout, row] tensor of one metric (``top1_prob`` included)."""
+        if name == "top1_prob":
+            return self.top_probs[..., 0]
+        if name not in METRICS:
+            raise EmbedwalkError(f"unknown metric {name!r}; choose one of {list(METRICS)}")
+        return getattr(self, name)
+
+    def layer_means(self, name: str = "kl_to_final") -> Float[Tensor, "readout"]:
+        """Mean of a metric over rows per readout (rows without a target skipped)."""
+        m = self.metric(name).double()
+        ok = torch.isfinite(m) & (m >= 0 if name == "target_rank" else torch.ones_like(m, dtype=torch.bool))
+        return (torch.where(ok, m, 0).sum(1) / ok.sum(1).clamp(min=1)).float()
+
+    def to_dataframe(self):
+        """One row per (prompt, pos, layer) with the metrics and the top-k tokens."""
+        import pandas as pd
+
+        R, N, k = self.top_ids.shape
+        rep = lambda t: t.repeat(R).numpy()  # noqa: E731  rows vary fastest within a readout
+        ids = self.top_ids.reshape(R * N, k)
+        cols = {
+            "prompt": rep(self.prompt),
+            "pos": rep(self.pos),
+            "layer": [lab for lab in self.labels for _ in range(N)],
+            "layer_index": torch.arange(R).repeat_interleave(N).numpy(),
+            "token": [self._str(i) for i in self.token.repeat(R).tolist()],
+            "target": [self._str(i) for i in self.target.repeat(R).tolist()],
+            "target_logprob": self.target_logprob.reshape(-1).numpy(),
+            "target_rank": self.target_rank.reshape(-1).numpy(),
+            "entropy": self.entropy.reshape(-1).numpy(),
+            "kl_to_final": self.kl_to_final.reshape(-1).numpy(),
+            "top1_agrees": self.top1_agrees.reshape(-1).numpy(),
+            "top1_token": [self._str(i) for i in ids[:, 0].tolist()],
+            "top1_prob": self.top_probs[..., 0].reshape(-1).numpy(),
+        }
+        for j in range(1, k):
+            cols[f"top{j + 1}_token"] = [self._str(i) for i in ids[:, j].tolist()]
+            cols[f"top{j + 1}_prob"] = self.top_probs[..., j].reshape(-1).numpy()
+        return pd.DataFrame(cols)
+
+    def format_table(self, *, prompt: int = 0, pos: Optional[int] = None) -> str:
+        """A readable per-layer table for one (prompt, position): the top tokens with their
+        probabilities, entropy and KL to the final distribution. Default: the last position."""
+        rows = (self.prompt == prompt).nonzero().flatten()
+        if rows.numel() == 0:
+            raise EmbedwalkError(f"prompt {prompt} is not in this result (prompts: {sorted(set(self.prompt.tolist()))})")
+        if pos is None:
+            row = int(rows[self.pos[rows].argmax()])
+        else:
+            match = rows[self.pos[rows] == pos]
+            if match.numel() == 0:
+                raise EmbedwalkError(f"position {pos} of prompt {prompt} is not in this result")
+            row = int(match[0])
+        width = max(len(label) for label in self.labels)
+        lines = [f"{'layer':>{width}}  {'KL':>6}  {'entropy':>7}  top tokens (probability)"]
+        for r, label in enumerate(self.labels):
+            tops = "  ".join(
+                f"{self._str(int(i))!r} {float(p):.2f}" for i, p in zip(self.top_ids[r, row], self.top_probs[r, row])
+            )
+            lines.append(f"{label:>{width}}  {float(self.kl_to_final[r, row]):6.2f}  {float(self.entropy[r, row]):7.2f}  {tops}")
+        return "\n".join(lines)
+
+    def plot(self, metric: str = "kl_to_final", *, prompt: int = 0, kind: str = "heatmap", annotate: Optional[bool] = None, ax=None):
+        """``kind="heatmap"``: layer x position of ``metric`` for one prompt, cells labelled
+        with the layer's top-1 token (the classic logit-lens figure). ``kind="lines"``: mean
+        KL to the final distribution and mean entropy per layer, over all rows."""
+        import matplotlib.pyplot as plt
+
+        if kind == "lines":
+            fig, ax1 = plt.subplots(figsize=(7, 3.5)) if ax is None else (ax.figure, ax)
+            x = range(len(self.labels))
+            ax1.plot(x, self.layer_means("kl_to_final"), "o-", color="C0", label="KL(final || layer)")
+            ax1.set_ylabel("KL to final (nats)", color="C0")
+            ax2 = ax1.twinx()
+            ax2.plot(x, self.layer_means("entropy"), "s--", color="C1", label="entropy")
+            ax2.set_ylabel("entropy (nats)", color="C1")
+            ax1.set_xticks(list(x), self.labels, rotation=90, fontsize=7)
+            ax1.set_xlabel("readout")
+            ax1.set_title(("tuned" if self.translated else "logit") + " lens: per-layer means")
+            fig.tight_layout()
+            return fig
+        if kind != "heatmap":
+            raise EmbedwalkError(f"kind must be 'heatmap' or 'lines', got {kind!r}")
+        rows = (self.prompt == prompt).nonzero().flatten()
+        if rows.numel() == 0:
+            raise EmbedwalkError(f"prompt {prompt} is not in this result (prompts: {sorted(set(self.prompt.tolist()))})")
+        rows = rows[self.pos[rows].argsort()]
+        values = self.metric(metric)[:, rows].float().numpy()
+        R, P = values.shape
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(min(2 + 0.9 * P, 20), min(1.5 + 0.32 * R, 16)))
+        else:
+            fig = ax.figure
+        cmap = "viridis_r" if metric in ("kl_to_final", "entropy", "target_rank") else "viridis"
+        im = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap)
+        fig.colorbar(im, ax=ax, label=metric)
+        if annotate if annotate is not None else P * R <= 1200:
+            top = self.top_ids[:, rows, 0]
+            for r in range(R):
+                for c in range(P):
+                    ax.text(c, r, self._str(int(top[r, c]))[:8], ha="center", va="center", fontsize=6, color="w")
+        ax.set_yticks(range(R), self.labels, fontsize=7)
+        ax.set_xticks(range(P), [self._str(int(t)) for t in self.token[rows]], rotation=60, fontsize=7)
+        ax.set_xlabel("input token (position)")
+        ax.set_ylabel("readout")
+        ax.set_title(f"{'tuned' if self.translated else 'logit'} lens, prompt {prompt}: {metric} (cells: top-1 token)")
+        fig.tight_layout()
+        return fig
+
+
+# ---------------------------------------------------------------------------- reader
+class LogitLensReader(Reader):
+    """Streams the logit lens; ``result()`` gives a :class:`LogitLensResult`.
+
+    ``target_table`` maps a prompt index to a LongTensor of targets per real position (or
+    None for next-token targets); ``positions`` follows :func:`logit_lens`.
+    """
+
+    def __init__(
+        self,
+        *,
+        positions: Positions = None,
+        target_table: Optional[Callable[[int, int], Tensor]] = None,
+        top_k: int = 5,
+        mid: bool = False,
+        layers: Optional[Sequence[Union[int, str]]] = None,
+        translator: Optional[Translator] = None,
+        chunk_size: Optional[int] = None,
+    ):
+        if not isinstance(top_k, int) or top_k < 1:
+            raise EmbedwalkError(f"top_k must be a positive int, got {top_k!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise EmbedwalkError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+        self.positions = _check_positions(positions)
+        self.target_table = target_table
+        self.top_k = top_k
+        self.mid = mid
+        self.layers = layers
+        self.translator = translator
+        self.chunk_size = chunk_size
+
+    # -- setup
+    def start(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        points = adapter.readout_points(mid=self.mid)
+        self.final = points[-1]
+        self.points = _select_points(points, self.layers)
+        self.hooks = sorted({p.hook for p in self.points} | {self.final.hook})
+        if self.translator is not None and hasattr(self.translator, "check_model"):
+            self.translator.check_model(adapter)
+        if self.top_k > adapter.d_vocab:
+            raise EmbedwalkError(f"top_k={self.top_k} exceeds the vocabulary size {adapter.d_vocab}")
+        self.chunk = self.chunk_size or default_chunk_size(adapter.device)
+        self._out: dict[str, list] = {k: [] for k in ("prompt", "pos", "token", "target", "ids", "probs", "lp", "rank", "ent", "kl", "agree")}
+        self._resid: dict[str, Tensor] = {}
+        self._sel = None
+
+    def hook_points(self, adapter: ModelAdapter) -> Sequence[str]:
+        return self.hooks
+
+    # -- per batch
+    def _select(self, ctx: Context):
+        """Flat (row*width + col) indices of the requested real positions, and their metadata."""
+        mask = ctx.batch.mask
+        B, T = mask.shape
+        lengths = mask.sum(1)
+        flat, meta_pos, meta_prompt, meta_target = [], [], [], []
+        for b in range(B):
+            cols = mask[b].nonzero().flatten()
+            n = int(lengths[b])
+            prompt = int(ctx.batch.prompt[b])
+            want = _positions_for(self.positions, n, prompt)
+            chosen = cols[want.to(cols.device)]
+            flat.append(b * T + chosen)
+            meta_pos.append(want)
+            meta_prompt.append(torch.full((len(want),), prompt))
+            toks = ctx.batch.tokens[b, cols].cpu()
+            if self.target_table is None:  # next real token; none after the last
+                nxt = torch.cat([toks[1:], torch.tensor([-1])])
+                meta_target.append(nxt[want])
+            else:
+                meta_target.append(self.target_table(prompt, n)[want])
+        flat = torch.cat(flat)
+        self._sel = (ctx, flat)
+        self._out["prompt"].append(torch.cat(meta_prompt))
+        self._out["pos"].append(torch.cat(meta_pos))
+        self._out["token"].append(ctx.batch.tokens.reshape(-1)[flat].cpu())
+        self._out["target"].append(torch.cat(meta_target).long())
+
+    def read(self, name: str, value: Tensor, ctx: Context) -> None:
+        if self._sel is None or self._sel[0] is not ctx:
+            self._select(ctx)
+        flat = self._sel[1]
+        self._resid[name] = value.detach().reshape(-1, value.shape[-1])[flat]
+
+    def end_batch(self, ctx: Context) -> None:
+        if self._sel is None or self._sel[0] is not ctx:
+            return
+        target = self._out["target"][-1].to(self.adapter.device)
+        res = _read_out(
+            self.adapter, self.points, self.final, self._resid, target,
+            top_k=self.top_k, chunk=self.chunk, translator=self.translator,
+        )
+        for key, value in res.items():
+            self._out[key].append(value.cpu())
+        self._resid = {}
+        self._sel = None
+
+    def result(self) -> LogitLensResult:
+        o = self._out
+        if not o["prompt"]:
+            raise EmbedwalkError("the logit lens saw no positions; check inputs and positions")
+        cat = lambda k, d=0: torch.cat(o[k], dim=d)  # noqa: E731
+        res = LogitLensResult(
+            labels=[p.label for p in self.points],
+            prompt=cat("prompt"), pos=cat("pos"), token=cat("token"), target=cat("target"),
+            top_ids=cat("ids", 1), top_probs=cat("probs", 1), target_logprob=cat("lp", 1),
+            target_rank=cat("rank", 1), entropy=cat("ent", 1), kl_to_final=cat("kl", 1),
+            top1_agrees=cat("agree", 1), translated=self.translator is not None,
+        )
+        ids = torch.cat([res.top_ids.flatten(), res.token, res.target]).unique()
+        ids = ids[ids >= 0].tolist()
+        res.token_strs = dict(zip(ids, self.adapter.to_str_tokens(ids)))
+        return res
+
+
+# ---------------------------------------------------------------------------- arithmetic
+_ROW_BLOCK = 16
+
+
+def _log_probs(adapter: ModelAdapter, x: Tensor) -> Tensor:
+    """float32 log-probs of residual rows through the model's own readout.
+
+    Rows are padded to a multiple of 16 so that every row takes the GEMM's main kernel: CPU
+    BLAS kernels round a ragged tail of rows differently (~3e-5 on SmolLM2's logits), and the
+    model's own forward pass puts the rows of an ordinary batch through the main kernel.
+    """
+    n = x.shape[0]
+    pad = -n % _ROW_BLOCK
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[-1])])
+    z = adapter.readout(x)
+    z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    torch.log_softmax(z, -1, out=z)  # in place: torch's own kernel, no second [rows, vocab] buffer
+    return z[:n] if pad else z
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products without a [rows, vocab] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0])
+
+
+@torch.no_grad()
+def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator):
+    n_rows = resid[final.hook].shape[0]
+    R = len(points)
+    dev = adapter.device
+    out = {
+        "ids": torch.empty((R, n_rows, top_k), dtype=torch.long, device=dev),
+        "probs": torch.empty((R, n_rows, top_k), dtype=torch.float32, device=dev),
+        "lp": torch.full((R, n_rows), float("nan"), device=dev),
+        "rank": torch.full((R, n_rows), -1, dtype=torch.long, device=dev),
+        "ent": torch.empty((R, n_rows), device=dev),
+        "kl": torch.empty((R, n_rows), device=dev),
+        "agree": torch.empty((R, n_rows), dtype=torch.bool, device=dev),
+    }
+    P = min(n_rows, chunk)  # positions per chunk; G readouts share one GEMM of G*P rows
+    G = max(1, chunk // P)
+    for p0 in range(0, n_rows, P):
+        sl = slice(p0, min(n_rows, p0 + P))
+        n = sl.stop - sl.start
+        tgt = target[sl]
+        has_t = tgt >= 0
+        tgt_c = tgt.clamp(min=0)
+        lpf = _log_probs(adapter, resid[final.hook][sl])
+        pf = lpf.exp()
+        negh_f = _rowdot(pf, lpf)  # sum p_f log p_f, once per position chunk
+        pmax_f = pf.max(-1).values  # agreement is tie-aware: the layer's top-1 is a final argmax
+        del lpf
+        for g0 in range(0, R, G):
+            group = points[g0 : g0 + G]
+            xs = []
+            for p in group:
+                h = resid[p.hook][sl]
+                if translator is not None and p.hook != final.hook:
+                    h = translator(h, p)
+                xs.append(h)
+            lp = _log_probs(adapter, torch.cat(xs))  # [len(group)*n, vocab]
+            vals, ids = lp.topk(top_k, -1)
+            lpt = lp.gather(1, tgt_c.repeat(len(group))[:, None])[:, 0]
+            rank = (lp > lpt[:, None]).sum(-1)
+            pf_rep = pf.repeat(len(group), 1) if len(group) > 1 else pf
+            kl = (negh_f.repeat(len(group)) - _rowdot(pf_rep, lp)).clamp_(min=0)
+            del pf_rep
+            ent = -_rowdot(lp.exp(), lp)
+            del lp
+            rs = slice(g0, g0 + len(group))
+            shape = (len(group), n)
+            out["ids"][rs, sl] = ids.reshape(*shape, top_k)
+            out["probs"][rs, sl] = vals.exp().reshape(*shape, top_k)
+            out["lp"][rs, sl] = torch.where(has_t, lpt.reshape(shape), float("nan"))
+            out["rank"][rs, sl] = torch.where(has_t, rank.reshape(shape), -1)
+            out["ent"][rs, sl] = ent.reshape(shape)
+            out["kl"][rs, sl] = kl.reshape(shape)
+            out["agree"][rs, sl] = pf.gather(1, ids[:, 0].reshape(shape).T).T == pmax_f
+    return out
+
+
+# ---------------------------------------------------------------------------- arguments
+def _check_positions(positions: Positions):
+    if positions is None or positions == "last":
+        return positions
+    if isinstance(positions, str):
+        raise EmbedwalkError(f"positions must be None (all), 'last', an int or a list of ints; got {positions!r}")
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        return [positions]
+    if isinstance(positions, Tensor):
+        positions = positions.tolist()
+    try:
+        out = [int(p) for p in positions]
+    except (TypeError, ValueError):
+        raise EmbedwalkError(f"positions must be None (all), 'last', an int or a list of ints; got {positions!r}") from None
+    if not out:
+        raise EmbedwalkError("positions is an empty list; pass None for all positions")
+    return out
+
+
+def _positions_for(positions, n: int, prompt: int) -> Tensor:
+    if positions is None:
+        return torch.arange(n)
+    if positions == "last":
+        return torch.tensor([n - 1])
+    bad = [p for p in positions if not -n <= p < n]
+    if bad:
+        raise EmbedwalkError(
+            f"position {bad[0]} is out of range for prompt {prompt}, which has {n} tokens "
+            f"(valid: 0..{n - 1}, or negative from the end); positions count real tokens, not padding"
+        )
+    return torch.tensor([p % n for p in positions])
+
+
+def _select_points(points: list[ReadoutPoint], layers) -> list[ReadoutPoint]:
+    if layers is None:
+        return points
+    by_label = {p.label: p for p in points}
+    chosen = []
+    for layer in [layers] if isinstance(layers, (int, str)) else layers:
+        if isinstance(layer, str):
+            if layer not in by_label:
+                raise EmbedwalkError(f"no readout labelled {layer!r}; this model's readouts are {list(by_label)}")
+            chosen.append(by_label[layer])
+        elif isinstance(layer, int) and not isinstance(layer, bool):
+            if not -len(points) <= layer < len(points):
+                raise EmbedwalkError(
+                    f"layer {layer} is out of range: there are {len(points)} readouts (0 = embedding, "
+                    f"l+1 = output of block l; valid 0..{len(points) - 1} or negative from the end)"
+                )
+            chosen.append(points[layer])
+        else:
+            raise EmbedwalkError(f"layers must be readout indices or labels, got {layer!r}")
+    return list(dict.fromkeys(chosen))
+
+
+def _target_table(adapter: ModelAdapter, inputs: Inputs, attention_mask, targets: Targets, prepend_bos, padding_side):
+    """A function (prompt, n_real) -> LongTensor of targets per real position."""
+    if targets is None:
+        return None
+    if isinstance(targets, (int, str)) and not isinstance(targets, bool):
+        tid = adapter.token_id(targets)
+        return lambda prompt, n: torch.full((n,), tid)
+    if isinstance(targets, Tensor) and targets.ndim == 2:
+        tokens, mask = tokenize(adapter, inputs, attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
+        if targets.shape != tokens.shape:
+            raise EmbedwalkError(
+                f"targets has shape {tuple(targets.shape)} but the tokenized inputs have "
+                f"{tuple(tokens.shape)} [batch, pos]; pass one target per token, one per prompt, or one for all"
+            )
+        t = targets.long().cpu()
+        if int(t.max()) >= adapter.d_vocab:
+            raise EmbedwalkError(f"target ids must lie below the vocabulary size {adapter.d_vocab}")
+        rows = [t[b][mask[b]] for b in range(t.shape[0])]
+        return lambda prompt, n: rows[prompt]
+    seq = targets.tolist() if isinstance(targets, Tensor) else list(targets)
+    n_prompts = _n_prompts(inputs)
+    if len(seq) != n_prompts:
+        raise EmbedwalkError(
+            f"targets has {len(seq)} entries but there are {n_prompts} prompts; pass one target per "
+            "prompt, a single target for all, or a [batch, pos] tensor of ids"
+        )
+    ids = [adapter.token_id(int(t) if isinstance(t, int) else t) for t in seq]
+    return lambda prompt, n: torch.full((n,), ids[prompt])
+
+
+def _n_prompts(inputs: Inputs) -> int:
+    if isinstance(inputs, str):
+        return 1
+    if isinstance(inputs, Tensor):
+        return 1 if inputs.ndim == 1 else inputs.shape[0]
+    return len(inputs)
+
+
+# ---------------------------------------------------------------------------- public
+def logit_lens(
+    model,
+    inputs: Inputs,
+    *,
+    positions: Positions = None,
+    targets: Targets = None,
+    top_k: int = 5,
+    mid: bool = False,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    translator: Optional[Translator] = None,
+    chunk_size: Optional[int] = None,
+    batch_size: int = 8,
+    attention_mask: Optional[Tensor] = None,
+    prepend_bos: Optional[bool] = None,
+    padding_side: Optional[str] = None,
+    progress: Optional[bool] = None,
+) -> LogitLensResult:
+    """Read every residual readout (embedding, each block's output; ``mid`` adds each block's
+    midpoint) through the model's own final norm and unembed, in one pass.
+
+    Args:
+        positions: None (every real token), ``"last"``, an int or a list of ints (counting
+            real tokens of each prompt; negative from the end).
+        targets: None (the actual next token; none at the last position), one id or
+            one-token string for all, one per prompt, or a ``[batch, pos]`` id tensor aligned
+            with the token inputs.
+        layers: readout indices (0 = embedding, l+1 = block l) or labels to keep; the final
+            readout is always used internally for the KL and agreement.
+        translator: ``f(h, readout_point) -> h`` applied before the readout, e.g. a
+            :class:`~embedwalk.lenses.TunedLens`; never applied to the final readout.
+        chunk_size: (readout, position) rows read out at once; bounds the peak extra memory
+            at about ``chunk_size * d_vocab * 4`` bytes times a few temporaries. Default:
+            :func:`default_chunk_size` of the model's device.
+    """
+    adapter = adapt(model)
+    table = _target_table(adapter, inputs, attention_mask, targets, prepend_bos, padding_side)
+    reader = LogitLensReader(
+        positions=positions, target_table=table, top_k=top_k, mid=mid, layers=layers,
+        translator=translator, chunk_size=chunk_size,
+    )
+    (result,) = run(
+        model, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size,
+        prepend_bos=prepend_bos, padding_side=padding_side, progress=progress,
+    )
+    return result

@@ -1,0 +1,134 @@
+"""The decomposition lens: parts sum to the residual, DLAs sum to the logit, heads split by source."""
+
+import pytest
+import torch
+
+import embedwalk as ew
+from embedwalk.errors import EmbedwalkError
+from embedwalk.lenses.decompose import decompose
+from embedwalk.models import wrap
+from embedwalk.testing import installed_generation, tiny_hf, tiny_tokenizer
+
+TEXT = "w5 w6 w7 w8 w9"
+GEN = installed_generation()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"] + (["gpt2-compat"] if GEN == "bridge" else []))
+def biased(request):
+    """A tiny model whose biases (b_V, b_O, MLP out, norms) are all non-zero, unlike a fresh init."""
+    arch = request.param.split("-")[0]
+    hf = tiny_hf(arch, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "ln" in name or "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    model = wrap(hf, tiny_tokenizer(), generation=GEN, device="cpu")
+    if request.param.endswith("compat"):
+        model.enable_compatibility_mode()
+    return model
+
+
+def _rel(x, y):
+    return float((torch.as_tensor(x, dtype=torch.float64) - torch.as_tensor(y, dtype=torch.float64)).abs().max()
+                 / torch.as_tensor(y, dtype=torch.float64).abs().max().clamp_min(1e-12))
+
+
+def _check(model, layer, stage, position):
+    a = ew.adapt(model)
+    toks = a.to_tokens(TEXT)[None]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(toks)
+    res = decompose(model, TEXT, layer=layer, stage=stage, position=position)
+    q = position % toks.shape[1]
+    layer %= a.n_layers
+    want = cache[a.hook(f"resid_{stage}", layer)][0, q]
+    assert torch.allclose(res.residual, want, atol=1e-6)
+    assert res.relative_error <= 1e-4
+    assert _rel(res.reconstruction, want) <= 1e-4
+    # DLA with the frozen scale sums to the readout logit of that very vector
+    with torch.no_grad():
+        lens_logit = float(a.readout(want)[res.token])
+    assert abs(res.dla_total - lens_logit) <= 1e-4 * max(1.0, abs(lens_logit))
+    assert abs(res.to_dataframe(by_source=True).dla.sum() - lens_logit) <= 1e-4 * max(1.0, abs(lens_logit))
+    if layer == a.n_layers - 1 and stage == "post":
+        assert res.token == int(logits[0, q].argmax())
+        own = float(logits[0, q, res.token])
+        assert abs(res.dla_total - own) <= 1e-4 * max(1.0, abs(own))
+    # heads (+ b_O) reproduce hook_attn_out; sources reproduce each head; sources follow pattern x v x W_O
+    for li, l in enumerate(res.head_layers):
+        idx = [i for i, (k, pl) in enumerate(zip(res.kinds, res.part_layers)) if pl == l and k in ("head", "attn_bias")]
+        assert _rel(res.parts[idx].sum(0), cache[a.hook("attn_out", l)][0, q]) <= 1e-4
+        heads = [i for i in idx if res.kinds[i] == "head"]
+        assert torch.allclose(res.source_parts[li].sum(1), res.parts[heads], atol=1e-5)
+        pat = cache[a.hook("pattern", l)][0, :, q]
+        v = cache[a.hook("v", l)][0].repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+        manual = pat[:, : q + 1, None, None] * v[: q + 1].transpose(0, 1)[..., None] * a.W_O(l).detach()[:, None]
+        assert torch.allclose(res.source_parts[li], manual.sum(-2), atol=1e-5)
+        assert torch.allclose(res.source_dla[li].sum(-1), res.dla[heads], atol=1e-5)
+    return res
+
+
+@pytest.mark.parametrize("stage", ["pre", "mid", "post"])
+def test_parts_sum_on_fixtures(tiny, stage):
+    _check(tiny, -1, stage, -1)
+    _check(tiny, 0, stage, 2)
+
+
+def test_parts_sum_with_biases(biased):
+    a = ew.adapt(biased)
+    res = _check(biased, -1, "post", -2)
+    kinds = set(res.kinds)
+    assert ("pos_embed" in kinds) == a.has_pos_embed
+    if a.has_pos_embed:  # GPT-2: every bias term is a row of its own
+        assert {"attn_bias", "mlp_bias"} <= kinds
+        # the MLP row is the bias-free product of its hidden activations with W_out
+        with torch.no_grad():
+            _, cache = biased.run_with_cache(a.to_tokens(TEXT)[None])
+        for l in range(a.n_layers):
+            i = next(i for i, (k, pl) in enumerate(zip(res.kinds, res.part_layers)) if k == "mlp" and pl == l)
+            want = cache[f"blocks.{l}.mlp.hook_post"][0, -2] @ biased.blocks[l].mlp.W_out.detach()
+            assert _rel(res.parts[i], want) <= 1e-4
+    totals = res.layer_totals()
+    others = float(res.dla[[i for i, k in enumerate(res.kinds) if k in ("embed", "pos_embed")]].sum())
+    total = totals.aggregation_dla.sum() + totals.filtering_dla.sum() + others + res.norm_bias_dla + res.unembed_bias_dla
+    assert abs(total - res.dla_total) < 1e-4
+
+
+def test_chosen_token_and_errors(tiny_arch):
+    a = ew.adapt(tiny_arch)
+    res = decompose(tiny_arch, TEXT, token="w9", by_source=False)
+    assert res.token == 9 and res.source_parts is None
+    df = res.to_dataframe()
+    assert list(df.columns) == ["kind", "layer", "head", "source_pos", "source_token", "norm", "dla"]
+    assert (df.kind == "head").sum() == a.n_layers * a.n_heads
+    assert len(res.top(5)) == 5
+    with pytest.raises(EmbedwalkError, match="out of range"):
+        decompose(tiny_arch, TEXT, layer=a.n_layers)
+    with pytest.raises(EmbedwalkError, match="position"):
+        decompose(tiny_arch, TEXT, position=40)
+    with pytest.raises(EmbedwalkError, match="one prompt"):
+        decompose(tiny_arch, [TEXT, TEXT])
+    with pytest.raises(EmbedwalkError, match="not one"):
+        decompose(tiny_arch, TEXT, token="w9 w10")
+    with pytest.raises(EmbedwalkError, match="stage"):
+        decompose(tiny_arch, TEXT, stage="end")
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    plt.close(res.plot())
+
+
+def test_smollm2_decomposition(smollm2):
+    a = ew.adapt(smollm2)
+    text = "The capital of France is"
+    res = decompose(smollm2, text, token=" Paris")
+    assert res.relative_error <= 1e-4
+    toks = a.to_tokens(text)[None]
+    with torch.no_grad():
+        own = float(smollm2(toks)[0, -1, a.token_id(" Paris")])
+    assert abs(res.dla_total - own) <= 1e-4 * abs(own)
+    assert res.source_parts.shape == (a.n_layers, a.n_heads, toks.shape[1], a.d_model)
+    # GQA: 9 query heads read 3 value heads; sources still add up to each head
+    heads = [i for i, k in enumerate(res.kinds) if k == "head"]
+    assert torch.allclose(res.source_parts.sum(2).reshape(-1, a.d_model), res.parts[heads], atol=1e-4)

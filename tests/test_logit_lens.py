@@ -1,0 +1,159 @@
+"""The logit lens against the model's own logits and a float64 recomputation from run_with_cache."""
+
+import pytest
+import torch
+
+import embedwalk as ew
+from embedwalk.errors import EmbedwalkError
+from embedwalk.lenses import logit_lens
+
+TEXTS = ["w5 w6 w7 w8 w9 w10 w11", "w9 w10 w12", "w3 w4 w5 w30 w31"]
+
+
+def _own_logprobs(model, text):
+    a = ew.adapt(model)
+    toks = a.to_tokens(text)[None]
+    with torch.no_grad():
+        return toks[0], model(toks)[0].log_softmax(-1)
+
+
+def test_final_readout_is_the_models_own_distribution(tiny):
+    res = logit_lens(tiny, TEXTS, padding_side="left", batch_size=2)
+    for p, text in enumerate(TEXTS):
+        toks, own = _own_logprobs(tiny, text)
+        rows = (res.prompt == p).nonzero().flatten()
+        assert res.pos[rows].tolist() == list(range(len(toks)))
+        assert res.token[rows].tolist() == toks.tolist()
+        T = len(toks)
+        lp = res.target_logprob[-1, rows]
+        assert torch.allclose(lp[:-1], own[torch.arange(T - 1), toks[1:]], atol=1e-5, rtol=0)
+        assert torch.isnan(lp[-1]) and res.target_rank[-1, rows[-1]] == -1  # no next token
+        top1 = own.gather(1, res.top_ids[-1, rows, :1])[:, 0]
+        assert torch.equal(top1, own.max(-1).values)  # the argmax, up to exact ties
+        ent = -(own.double().exp() * own.double()).sum(-1)
+        assert torch.allclose(res.entropy[-1, rows].double(), ent, atol=1e-4)
+    assert res.kl_to_final[-1].abs().max() < 1e-5
+    assert res.top1_agrees[-1].all()
+
+
+def _reference(model, text, mid=False):
+    """Every metric from run_with_cache, the model's readout and float64 arithmetic."""
+    a = ew.adapt(model)
+    toks = a.to_tokens(text)[None]
+    points = a.readout_points(mid=mid)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(toks, names_filter=[p.hook for p in points])
+        lps = [a.readout(cache[p.hook][0]).double().log_softmax(-1) for p in points]
+    return toks[0], torch.stack(lps)  # [readout, pos, vocab]
+
+
+@pytest.mark.parametrize("chunk_size", [3, None])
+def test_every_metric_against_float64_recomputation(tiny_arch, chunk_size):
+    res = logit_lens(tiny_arch, TEXTS, chunk_size=chunk_size, top_k=4, padding_side="right")
+    for p, text in enumerate(TEXTS):
+        toks, lp = _reference(tiny_arch, text)
+        rows = (res.prompt == p).nonzero().flatten()
+        T = len(toks)
+        tgt = toks[1:]
+        ref_lp = lp[:, torch.arange(T - 1), tgt]
+        assert torch.allclose(res.target_logprob[:, rows[:-1]].double(), ref_lp, atol=1e-4)
+        ref_rank = (lp[:, : T - 1] > ref_lp[..., None]).sum(-1)
+        assert (res.target_rank[:, rows[:-1]] - ref_rank).abs().max() <= 1  # float32 ties only
+        ref_ent = -(lp.exp() * lp).sum(-1)
+        assert torch.allclose(res.entropy[:, rows].double(), ref_ent, atol=1e-4)
+        ref_kl = (lp[-1].exp() * (lp[-1] - lp)).sum(-1)
+        assert torch.allclose(res.kl_to_final[:, rows].double(), ref_kl, atol=1e-4)
+        top_p, _ = lp.exp().topk(4, -1)
+        assert torch.allclose(res.top_probs[:, rows].double(), top_p, atol=1e-5)
+        final = lp[-1].exp()
+        agree = final.gather(1, lp.argmax(-1).T).T >= final.max(-1).values - 1e-9
+        untied = (top_p[..., 0] - top_p[..., 1]) > 1e-6
+        assert torch.equal(res.top1_agrees[:, rows][untied], agree[untied])
+
+
+def test_chunking_changes_nothing_and_mid_readouts(tiny_arch):
+    a = ew.adapt(tiny_arch)
+    big = logit_lens(tiny_arch, TEXTS, mid=True, chunk_size=4096)
+    small = logit_lens(tiny_arch, TEXTS, mid=True, chunk_size=2)
+    assert big.labels == ["embed"] + [x for l in range(a.n_layers) for x in (f"{l}.mid", str(l))]
+    for name in ("target_logprob", "entropy", "kl_to_final"):
+        assert torch.allclose(big.metric(name), small.metric(name), atol=1e-5, equal_nan=True)
+    toks, lp = _reference(tiny_arch, TEXTS[0], mid=True)
+    rows = (big.prompt == 0).nonzero().flatten()
+    ref_kl = (lp[-1].exp() * (lp[-1] - lp)).sum(-1)
+    assert torch.allclose(big.kl_to_final[:, rows].double(), ref_kl, atol=1e-4)
+
+
+def test_positions_targets_and_layers(tiny_arch):
+    a = ew.adapt(tiny_arch)
+    last = logit_lens(tiny_arch, TEXTS, positions="last", targets=["w7", 8, "w9"], layers=[0, "0", -1], padding_side="left")
+    assert last.labels == ["embed", "0", str(a.n_layers - 1)]
+    assert last.pos.tolist() == [7, 3, 5] and last.target.tolist() == [7, 8, 9]
+    toks, own = _own_logprobs(tiny_arch, TEXTS[1])
+    assert torch.allclose(last.target_logprob[-1, 1], own[-1, 8], atol=1e-5)
+    some = logit_lens(tiny_arch, TEXTS[0], positions=[0, -1], targets="w11")
+    assert some.pos.tolist() == [0, 7] and some.target.tolist() == [11, 11]
+    # a [batch, pos] target tensor aligned with token inputs (and their padding)
+    tokens = torch.tensor([[1, 5, 6, 7], [1, 9, 10, 1]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    targets = torch.tensor([[20, 21, 22, 23], [30, 31, 32, 0]])
+    r = logit_lens(tiny_arch, tokens, attention_mask=mask, targets=targets)
+    assert r.target.tolist() == [20, 21, 22, 23, 30, 31, 32]
+    with torch.no_grad():
+        own = tiny_arch(tokens[1:, :3])[0].log_softmax(-1)
+    assert torch.allclose(r.target_logprob[-1, 4:], own[torch.arange(3), torch.tensor([30, 31, 32])], atol=1e-5)
+
+
+def test_bad_input_is_named(tiny_arch):
+    with pytest.raises(EmbedwalkError, match="out of range"):
+        logit_lens(tiny_arch, TEXTS, layers=[99])
+    with pytest.raises(EmbedwalkError, match="no readout labelled"):
+        logit_lens(tiny_arch, TEXTS, layers=["17"])
+    with pytest.raises(EmbedwalkError, match="position 9 is out of range for prompt 0"):
+        logit_lens(tiny_arch, TEXTS, positions=[9])
+    with pytest.raises(EmbedwalkError, match="not one"):
+        logit_lens(tiny_arch, TEXTS, targets="w5 w6")
+    with pytest.raises(EmbedwalkError, match="3 prompts"):
+        logit_lens(tiny_arch, TEXTS, targets=[5, 6])
+    with pytest.raises(EmbedwalkError, match="shape"):
+        logit_lens(tiny_arch, torch.tensor([[1, 5, 6]]), targets=torch.tensor([[5, 6]]))
+    with pytest.raises(EmbedwalkError, match="top_k"):
+        logit_lens(tiny_arch, TEXTS, top_k=0)
+
+
+def test_dataframe_and_plots(tiny_arch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.figure
+    res = logit_lens(tiny_arch, TEXTS[:2], top_k=3)
+    df = res.to_dataframe()
+    n_rows = res.prompt.numel()
+    assert len(df) == n_rows * len(res.labels)
+    for col in ("prompt", "pos", "layer", "token", "target", "target_logprob", "target_rank", "entropy",
+                "kl_to_final", "top1_agrees", "top1_token", "top3_token", "top3_prob"):
+        assert col in df.columns
+    row = df[(df.prompt == 0) & (df.pos == 1) & (df.layer == "embed")].iloc[0]
+    assert row.token == "w5" and row.target == "w6"
+    i = int(((res.prompt == 0) & (res.pos == 1)).nonzero())
+    assert row.top1_token == f"w{int(res.top_ids[0, i, 0])}"
+    assert isinstance(res.plot(), matplotlib.figure.Figure)
+    assert isinstance(res.plot("target_logprob", prompt=1), matplotlib.figure.Figure)
+    assert isinstance(res.plot(kind="lines"), matplotlib.figure.Figure)
+    with pytest.raises(EmbedwalkError, match="prompt 5"):
+        res.plot(prompt=5)
+
+
+@pytest.mark.smollm
+def test_smollm2_final_readout_and_paris(smollm2):
+    texts = ["The capital of France is", "Water boils at one hundred degrees"]
+    res = logit_lens(smollm2, texts, layers=[20, -1], top_k=3)
+    for p, text in enumerate(texts):
+        toks, own = _own_logprobs(smollm2, text)
+        rows = (res.prompt == p).nonzero().flatten()
+        T = len(toks)
+        assert torch.allclose(res.target_logprob[-1, rows[:-1]], own[torch.arange(T - 1), toks[1:]], atol=1e-5, rtol=0)
+        assert torch.equal(res.top_ids[-1, rows, 0], own.argmax(-1))
+    df = res.to_dataframe()
+    last = df[(df.prompt == 0) & (df.layer == "29")].sort_values("pos").iloc[-1]
+    assert last.top1_token == " Paris"
+    assert (df[df.layer == "19"].kl_to_final > 0.01).all()  # a middle layer is far from the final

@@ -1,0 +1,126 @@
+"""The tuned lens: identity at init, training lowers held-out KL, files round-trip, wrong models refused."""
+
+import json
+
+import pytest
+import torch
+
+import embedwalk as ew
+from embedwalk.errors import EmbedwalkError
+from embedwalk.lenses import TunedLens, logit_lens, train_tuned_lens
+from embedwalk.lenses.tuned import sample_text
+
+from conftest import GENERATION, make_tiny
+
+
+def _texts(seed, n=24, length=12):
+    g = torch.Generator().manual_seed(seed)
+    # a little structure (runs of consecutive words) so there is something to learn
+    starts = torch.randint(2, 150, (n,), generator=g)
+    return [" ".join(f"w{int(s) + i}" for i in range(length)) for s in starts]
+
+
+def test_untrained_lens_is_the_logit_lens(tiny):
+    lens = TunedLens.for_model(tiny)
+    assert lens.labels == [p.label for p in ew.adapt(tiny).readout_points()[:-1]]
+    plain = logit_lens(tiny, _texts(0, n=3))
+    tuned = logit_lens(tiny, _texts(0, n=3), translator=lens)
+    assert torch.allclose(plain.kl_to_final, tuned.kl_to_final, atol=1e-6)
+    assert torch.equal(plain.top_ids, tuned.top_ids)
+
+
+def test_training_lowers_heldout_kl_and_matches_a_manual_kl(tiny_arch):
+    a = ew.adapt(tiny_arch)
+    train, heldout = _texts(1), _texts(2, n=6)
+    lens = train_tuned_lens(tiny_arch, train, epochs=4, lr=3e-3, step_tokens=32, progress=False)
+    assert all(p.grad is None for p in tiny_arch.parameters())  # only the translators learn
+    before = logit_lens(tiny_arch, heldout).layer_means()
+    after = logit_lens(tiny_arch, heldout, translator=lens).layer_means()
+    assert (after[:-1] < 0.95 * before[:-1]).all(), (before, after)
+    assert len(lens.meta["history"]) > 4 and lens.meta["history"][-1] < lens.meta["history"][0]
+    # the lens's KL is KL(final || readout(h + A h + b)), recomputed by hand in float64
+    toks = a.to_tokens(heldout[0])[None]
+    res = logit_lens(tiny_arch, heldout[0], translator=lens)
+    with torch.no_grad():
+        _, cache = tiny_arch.run_with_cache(toks)
+        final = a.readout(cache[a.final_resid_hook][0]).double().log_softmax(-1)
+        h = cache[a.hook("resid_post", 0)][0]
+        i = lens.labels.index("0")
+        moved = (h.double() + h.double() @ lens.weight[i].double().T + lens.bias[i].double()).float()
+        lp = a.readout(moved).double().log_softmax(-1)
+    kl = (final.exp() * (final - lp)).sum(-1)
+    assert torch.allclose(res.kl_to_final[1].double(), kl, atol=1e-4)
+
+
+def test_save_load_and_refuse_another_model(tiny_arch, tmp_path):
+    lens = train_tuned_lens(tiny_arch, _texts(3, n=8), epochs=1, lr=1e-2, progress=False)
+    lens.save(tmp_path / "lens")
+    assert sorted(p.name for p in (tmp_path / "lens").iterdir()) == ["config.json", "tuned_lens.safetensors"]
+    back = TunedLens.load(tmp_path / "lens", tiny_arch)
+    for w0, w1 in zip(lens.weight, back.weight):
+        assert torch.equal(w0.detach().cpu(), w1.detach().cpu())
+    texts = _texts(4, n=2)
+    assert torch.equal(logit_lens(tiny_arch, texts, translator=lens).kl_to_final,
+                       logit_lens(tiny_arch, texts, translator=back).kl_to_final)
+    arch = "llama" if ew.adapt(tiny_arch).n_kv_heads != ew.adapt(tiny_arch).n_heads else "gpt2"
+    other = make_tiny(arch, seed=7)
+    with pytest.raises(EmbedwalkError, match="different unembedding"):
+        logit_lens(other, texts, translator=back)
+    with pytest.raises(EmbedwalkError, match="different unembedding"):
+        TunedLens.load(tmp_path / "lens", other)
+    wider = make_tiny(arch, d_model=32)
+    with pytest.raises(EmbedwalkError, match="d_model"):
+        logit_lens(wider, texts, translator=back)
+
+
+@pytest.mark.skipif(GENERATION != "bridge", reason="compatibility mode is a TL 4 bridge feature")
+def test_compatibility_mode_counts_as_another_model():
+    raw = make_tiny("gpt2")
+    lens = TunedLens.for_model(raw)
+    compat = make_tiny("gpt2-compat")
+    with pytest.raises(EmbedwalkError, match="compatibility mode"):
+        lens.check_model(compat)
+
+
+@pytest.mark.parametrize("prefix", ["", "layer_translators."])
+def test_loads_the_tuned_lens_projects_checkpoint(tiny_arch, tmp_path, prefix):
+    a = ew.adapt(tiny_arch)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(a.n_layers):
+        state[f"{prefix}{i}.weight"] = 0.01 * torch.randn(a.d_model, a.d_model, generator=g)
+        state[f"{prefix}{i}.bias"] = 0.01 * torch.randn(a.d_model, generator=g)
+    torch.save(state, tmp_path / "params.pt")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "base_model_name_or_path": "tiny", "d_model": a.d_model, "num_hidden_layers": a.n_layers,
+        "bias": True, "unembed_hash": None, "lens_type": "linear_tuned_lens",
+    }))
+    lens = TunedLens.load(tmp_path, tiny_arch)
+    # their translator i acts residually on hidden_states[i]: readout i (0 = embedding)
+    h = torch.randn(3, a.d_model, generator=g)
+    points = a.readout_points()
+    for i in range(a.n_layers):
+        want = h + h @ state[f"{prefix}{i}.weight"].T + state[f"{prefix}{i}.bias"]
+        assert torch.allclose(lens(h, points[i]), want, atol=1e-6)
+    assert torch.equal(lens(h, points[-1]), h)  # the final readout is never translated
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": a.d_model + 1, "num_hidden_layers": a.n_layers}))
+    with pytest.raises(EmbedwalkError, match="d_model"):
+        TunedLens.load(tmp_path, tiny_arch)
+
+
+def test_bad_training_arguments(tiny_arch):
+    with pytest.raises(EmbedwalkError, match="optimizer"):
+        train_tuned_lens(tiny_arch, _texts(0, n=2), optimizer="lbfgs")
+    with pytest.raises(EmbedwalkError, match="epochs"):
+        train_tuned_lens(tiny_arch, _texts(0, n=2), epochs=0)
+    with pytest.raises(EmbedwalkError, match="out of range"):
+        train_tuned_lens(tiny_arch, _texts(0, n=2), layers=[42])
+
+
+def test_sample_text_is_real_prose():
+    train, heldout = sample_text("train"), sample_text("heldout")
+    assert len(train) > 4 * len(heldout) > 0 and not set(train) & set(heldout)
+    words = " ".join(train + heldout).split()
+    assert len(words) > 2500
+    common = sum(w.lower().strip(".,") in {"the", "and", "of", "a", "to", "in"} for w in words)
+    assert common / len(words) > 0.12  # English function-word rate; word salad has ~none
