@@ -1,0 +1,114 @@
+"""``embedwalk bias ...``: association-bias measurements, the swap sweep and the retraining."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _texts(args) -> list[str]:
+    from embedwalk.errors import EmbedwalkError
+
+    texts = list(args.text or [])
+    if args.file:
+        raw = Path(args.file).read_text(encoding="utf-8")
+        texts += [p.strip() for p in raw.split("\n\n") if p.strip()]
+    if not texts:
+        raise EmbedwalkError("give text with --text '...' (repeatable) or --file PATH (paragraphs split on blank lines)")
+    return texts
+
+
+def _model(args):
+    from embedwalk.models import load_model
+
+    return load_model(args.model, generation=args.generation)
+
+
+def _model_args(p):
+    p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, an HF folder or hub name")
+    p.add_argument("--generation", default="bridge", choices=["bridge", "hooked"], help="TL 4 bridge or TL 2/3 HookedTransformer")
+    p.add_argument("--text", action="append", help="a prompt (repeatable)")
+    p.add_argument("--file", help="a text file; paragraphs separated by blank lines")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--exclude-self", action="store_true", help="uniform over earlier keys only")
+
+
+def _sweep(args) -> int:
+    from embedwalk.association.measure import sweep
+
+    units = [u.strip() for u in args.units.split(",") if u.strip()]
+    res = sweep(_model(args), _texts(args), units=units, exclude_self=args.exclude_self,
+                method=args.method, batch_size=args.batch_size, progress=True)
+    table = res.table
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    if args.plot:
+        res.plot().savefig(args.plot, dpi=120)
+    return 0
+
+
+def _measure(args) -> int:
+    from embedwalk.association.measure import association_bias
+
+    res = association_bias(_model(args), _texts(args), exclude_self=args.exclude_self, batch_size=args.batch_size)
+    df = res.to_dataframe().pivot_table(index=["layer", "head"], columns="metric", values="value").reset_index()
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(f"uniform expectation of self attention: {res.self_uniform:.4f} over {res.n_tokens} tokens")
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    if args.plot:
+        res.plot().savefig(args.plot, dpi=120)
+    return 0
+
+
+def _retrain(args) -> int:
+    from embedwalk.association.retrain import RetrainConfig, retrain
+
+    cfg = RetrainConfig.scaled(args.scale)
+    for key in ("steps", "layers", "d_model", "heads", "kv_heads", "ctx", "batch", "seed", "tokenizer"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg, key, value)
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else None
+    res = retrain(cfg, text=text, device=args.device, verbose=True)
+    print(f"final validation loss: standard {res.standard[-1]:.4f}  uniform {res.uniform[-1]:.4f}  gap {res.gap:+.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.to_json(), indent=1))
+    if args.plot:
+        res.plot().savefig(args.plot, dpi=120)
+    return 0
+
+
+def add_subparser(subparsers) -> None:
+    bias = subparsers.add_parser("bias", help="association bias: uniform-aggregation swap, sweep, retraining")
+    sub = bias.add_subparsers(dest="bias_command", metavar="SUBCOMMAND")
+    bias.set_defaults(func=lambda a: bias.print_help() or 0)
+
+    p = sub.add_parser("sweep", help="swap all heads, each layer and each head for uniform aggregation; loss/KL table")
+    _model_args(p)
+    p.add_argument("--units", default="all,layer", help="comma list of all,layer,head (default all,layer)")
+    p.add_argument("--method", default="fast", choices=["fast", "pattern"])
+    p.add_argument("--csv", help="write the table here")
+    p.add_argument("--plot", help="write the figure here (.png)")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("measure", help="per-head distance from uniform aggregation and self bias")
+    _model_args(p)
+    p.add_argument("--csv")
+    p.add_argument("--plot")
+    p.set_defaults(func=_measure)
+
+    p = sub.add_parser("retrain", help="train standard vs uniform-aggregation models from scratch; loss curves",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scale", type=float, default=1.0, help="size and steps multiplier (try 8-16 on a GPU)")
+    for key, typ in (("steps", int), ("layers", int), ("d_model", int), ("heads", int), ("kv_heads", int),
+                     ("ctx", int), ("batch", int), ("seed", int)):
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None)
+    p.add_argument("--tokenizer", choices=["smollm2", "bytes"], default=None)
+    p.add_argument("--file", help="train on this text instead of the built-in prose")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(func=_retrain)

@@ -1,0 +1,125 @@
+"""Association-bias measurements against run_with_cache + float64 math and the model's own logits."""
+
+import pytest
+import torch
+
+import embedwalk as ew
+from embedwalk.association import UniformSwap, association_bias, downstream, sweep
+from embedwalk.errors import EmbedwalkError
+
+SAME_LEN = ["w5 w6 w7 w8 w9 w10", "w3 w4 w5 w30 w31 w2"]
+TEXTS = ["w5 w6 w7 w8 w9 w10 w11", "w9 w10", "w3 w4 w5 w30", "w20 w21 w22 w23 w24"]
+
+
+def test_distance_cosine_self_bias_match_cache(tiny_arch):
+    a = ew.adapt(tiny_arch)
+    tokens, mask = ew.tokenize(a, SAME_LEN)
+    assert mask.all()
+    res = association_bias(tiny_arch, tokens)
+    _, cache = tiny_arch.run_with_cache(tokens)
+    n = tokens.shape[1]
+    w = torch.ones(n, n, dtype=torch.float64).tril()
+    w = w / w.sum(-1, keepdim=True)
+    for layer in range(a.n_layers):
+        v = cache[f"blocks.{layer}.attn.hook_v"].double().reshape(*tokens.shape, a.n_kv_heads, a.d_head)
+        z = cache[f"blocks.{layer}.attn.hook_z"].double().reshape(*tokens.shape, a.n_heads, a.d_head)
+        pat = cache[f"blocks.{layer}.attn.hook_pattern"].double()
+        for h in range(a.n_heads):
+            zu = torch.einsum("qk,bkd->bqd", w, v[:, :, h // (a.n_heads // a.n_kv_heads)])
+            zh = z[:, :, h]
+            dist = ((zh - zu).norm(dim=-1) / zh.norm(dim=-1).clamp_min(1e-12)).mean()  # tiny llama: BOS = pad row, v = 0
+            cos = torch.nn.functional.cosine_similarity(zh, zu, dim=-1, eps=1e-12).mean()
+            self_attn = pat[:, h].diagonal(dim1=-2, dim2=-1).mean()
+            assert abs(res.distance[layer, h] - dist) < 1e-5
+            assert abs(res.cosine[layer, h] - cos) < 1e-5
+            assert abs(res.self_attention[layer, h] - self_attn) < 1e-5
+    assert abs(res.self_uniform - float((1.0 / torch.arange(1, n + 1)).mean())) < 1e-6
+    df = res.to_dataframe()
+    assert set(df.metric) == {"distance", "cosine", "self_attention", "self_bias"} and len(df) == 4 * a.n_layers * a.n_heads
+    res.plot()
+
+
+def test_padding_is_excluded(tiny_arch):
+    """Left and right padding give the same statistics: pad queries and keys never count."""
+    left = association_bias(tiny_arch, TEXTS, padding_side="left")
+    right = association_bias(tiny_arch, TEXTS, padding_side="right")
+    assert left.n_tokens == right.n_tokens == sum(len(t.split()) + 1 for t in TEXTS) - (0 if ew.adapt(tiny_arch).to_tokens("w5")[0] != 1 else 0)
+    for name in ("distance", "cosine", "self_attention"):
+        assert torch.allclose(getattr(left, name), getattr(right, name), atol=1e-5)
+    assert abs(left.self_uniform - right.self_uniform) < 1e-7
+
+
+def _logits_and_final(model, tokens, mask, writers):
+    logits, finals = [], []
+
+    class Final(ew.Reader):
+        def hook_points(self, adapter):
+            return [adapter.final_resid_hook]
+
+        def read(self, name, value, ctx):
+            finals.append(value.clone())
+
+    ew.run(model, tokens, attention_mask=mask, readers=[Final()], writers=writers,
+           on_logits=lambda lg, ctx: logits.append(lg))
+    return torch.cat(logits).double(), torch.cat(finals).double()
+
+
+@pytest.mark.parametrize("targets", ["all", [1], [(0, 2)]])
+def test_downstream_matches_manual(tiny_arch, targets):
+    a = ew.adapt(tiny_arch)
+    tokens, mask = ew.tokenize(a, TEXTS, padding_side="left")
+    lo, fo = _logits_and_final(tiny_arch, tokens, mask, [])
+    with torch.no_grad():  # the model's own logits, no embedwalk in the way
+        own = tiny_arch(tokens, attention_mask=mask.long()).double()
+    assert torch.allclose(own[mask], lo[mask], atol=1e-5)
+    ls, fs = _logits_and_final(tiny_arch, tokens, mask, [UniformSwap(targets, method="pattern")])
+    po, ps = lo.log_softmax(-1), ls.log_softmax(-1)
+    pair = mask[:, :-1] & mask[:, 1:]
+    tgt = tokens[:, 1:, None]
+    nll_o = -po[:, :-1].gather(-1, tgt)[..., 0][pair].mean()
+    nll_s = -ps[:, :-1].gather(-1, tgt)[..., 0][pair].mean()
+    kl = (po.exp() * (po - ps)).sum(-1)[mask].mean()
+    top1 = (po.argmax(-1) == ps.argmax(-1))[mask].double().mean()
+    cos = torch.nn.functional.cosine_similarity(fo, fs, dim=-1)[mask].mean()
+    eff = downstream(tiny_arch, tokens, targets, attention_mask=mask)  # fast path, float32
+    assert abs(eff.loss_original - nll_o) < 1e-5 and abs(eff.loss_swapped - nll_s) < 1e-4
+    assert abs(eff.delta_loss - (nll_s - nll_o)) < 1e-4
+    assert abs(eff.kl - kl) < 1e-5 and kl > 0
+    assert abs(eff.top1_agreement - top1) < 1e-9
+    assert abs(eff.composite_cosine - cos) < 1e-5
+    assert eff.n_tokens == int(mask.sum())
+
+
+def test_sweep_rows_equal_single_swaps(tiny_arch):
+    res = sweep(tiny_arch, TEXTS)
+    a = ew.adapt(tiny_arch)
+    t = res.table
+    assert list(t.unit).count("layer") == a.n_layers and list(t.unit).count("head") == a.n_layers * a.n_heads
+    one = downstream(tiny_arch, TEXTS, [1], method="pattern")
+    row = t[(t.unit == "layer") & (t.layer == 1)].iloc[0]
+    assert abs(row.delta_loss - one.delta_loss) < 1e-5 and abs(row.kl - one.kl) < 1e-5
+    head = downstream(tiny_arch, TEXTS, [(0, 3)])
+    assert abs(res.head_matrix("kl")[0, 3] - head.kl) < 1e-6
+    everything = downstream(tiny_arch, TEXTS, "all")
+    assert abs(t[t.unit == "all"].iloc[0].kl - everything.kl) < 1e-6
+    assert set(res.to_dataframe().metric) >= {"delta_loss", "kl", "top1_agreement", "composite_cosine"}
+    res.plot()
+    with pytest.raises(EmbedwalkError, match="units"):
+        sweep(tiny_arch, TEXTS, units=["neuron"])
+    with pytest.raises(EmbedwalkError, match="out of range"):
+        downstream(tiny_arch, TEXTS, [9])
+
+
+def test_smollm2_measurements(smollm2):
+    text = ["The quick brown fox jumps over the lazy dog because it was bored.", "Paris is the capital of"]
+    res = association_bias(smollm2, text)
+    a = ew.adapt(smollm2)
+    assert res.distance.shape == (a.n_layers, a.n_heads)
+    assert (res.cosine <= 1 + 1e-5).all() and (res.distance >= 0).all()
+    assert (res.self_attention >= 0).all() and (res.self_attention <= 1).all()
+    # a layer row of the sweep (fast path) equals an independent pattern-method swap of that layer
+    sw = sweep(smollm2, text, units=["layer"], layers=[0, 29])
+    one = downstream(smollm2, text, [29], method="pattern")
+    row = sw.table[sw.table.layer == 29].iloc[0]
+    assert abs(row.kl - one.kl) < 1e-4 and abs(row.delta_loss - one.delta_loss) < 1e-4
+    assert (sw.table.kl > 0).all() and (sw.table.top1_agreement <= 1).all()
