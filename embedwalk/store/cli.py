@@ -1,0 +1,87 @@
+"""``embedwalk cache``: store activations of a text collection; rerun the same command to resume."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "cache",
+        help="store activations of a text collection on disk (resumable)",
+        description="Run a model over a collection and store chosen hooks at chosen positions as "
+        "safetensors shards. Rerunning the same command resumes after the last complete shard.",
+    )
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), a .gguf file, an HF folder or hub name, or tiny-gpt2/tiny-llama")
+    p.add_argument("--generation", default=None, choices=["bridge", "hooked"], help="TL 4 bridge or TL 2/3 HookedTransformer (default: what is installed)")
+    p.add_argument("--data", help="a text file (one prompt per line) or a .jsonl file")
+    p.add_argument("--text-field", default="text", help="the text field of JSONL rows (others become metadata)")
+    p.add_argument("--hooks", default=None, help="comma-separated: resid_post.5,final,final_normed,blocks.3.hook_resid_mid ...")
+    p.add_argument("--layers", default=None, help="comma-separated layers for resid_post hooks (default: all) when --hooks is not given")
+    p.add_argument("--positions", default="all", choices=["all", "last"], help="every non-pad token, or the last one of each prompt")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-mb", type=float, default=128.0)
+    p.add_argument("--rank", type=int, default=None, help="this worker's rank (default: $RANK)")
+    p.add_argument("--world-size", type=int, default=None, help="number of workers (default: $WORLD_SIZE)")
+    p.add_argument("--merge", action="store_true", help="join the rank folders under --out into one store and exit")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="the store directory")
+    p.set_defaults(func=_run)
+
+
+def _load(name: str, generation, device):
+    from embedwalk.testing import installed_generation, tiny_model
+
+    generation = generation or installed_generation()
+    if name in ("tiny-gpt2", "tiny-llama"):
+        return tiny_model(name.split("-")[1], generation, device=device or "cpu")
+    from embedwalk.models import load_model
+
+    return load_model(name, generation=generation, device=device)
+
+
+def _ints(text):
+    return None if text is None else [int(x) for x in text.split(",") if x.strip()]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from embedwalk.errors import EmbedwalkError
+    from embedwalk.store import cache_activations, merge
+
+    if args.merge:
+        store = merge(args.out)
+        print(store)
+        return 0
+    if not args.data:
+        raise EmbedwalkError("--data is required: a text file (one prompt per line) or a .jsonl file")
+    model = _load(args.model, args.generation, args.device)
+    store = cache_activations(
+        model, args.data, args.out,
+        hooks=[h.strip() for h in args.hooks.split(",")] if args.hooks else None,
+        layers=_ints(args.layers), positions=args.positions, dtype=args.dtype,
+        batch_size=args.batch_size, shard_mb=args.shard_mb, text_field=args.text_field,
+        rank=args.rank, world_size=args.world_size,
+    )
+    print(store)
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m embedwalk.store.cli ...``: the cache command alone, for launchers (torchrun -m)."""
+    import sys
+
+    from embedwalk.errors import EmbedwalkError
+
+    parser = argparse.ArgumentParser(prog="embedwalk")
+    add_subparser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EmbedwalkError as e:
+        print(f"embedwalk: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

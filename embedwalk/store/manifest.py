@@ -1,0 +1,186 @@
+"""On-disk format of an activation store: safetensors shards, a JSON manifest, atomic writes.
+
+A store directory holds ``manifest.json``, ``shard-NNNNN.safetensors`` files and, once complete,
+``metadata.parquet`` (or ``metadata.jsonl`` without pyarrow). Shards are plain safetensors files
+that any safetensors reader opens; embedwalk writes them itself (header + raw tensor bytes)
+so a shard is streamed to disk once, hashed on the way, without an extra in-memory copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from embedwalk.errors import EmbedwalkError
+
+FORMAT = "embedwalk-activation-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_ST_NAME = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32", torch.int64: "I64"}
+# numpy has no bfloat16: such bytes are mapped as int16 and re-viewed in torch, still zero-copy.
+_NP_VIEW = {"BF16": np.int16, "F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64}
+_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
+
+
+def storage_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        name = str(name).replace("torch.", "")
+    if name not in DTYPES:
+        raise EmbedwalkError(f"storage dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems refuse opening directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON so that a reader (or a crash) sees either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=_jsonable)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    raise TypeError(f"metadata value {x!r} of type {type(x).__name__} is not JSON-serialisable")
+
+
+def dumps(obj) -> str:
+    try:
+        return json.dumps(obj, sort_keys=True, default=_jsonable, separators=(",", ":"))
+    except TypeError as e:
+        raise EmbedwalkError(f"{e}; metadata must be numbers, strings, booleans, None, lists or dicts") from e
+
+
+def read_manifest(directory: Path) -> Optional[dict]:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EmbedwalkError(f"{path} is not valid JSON ({e}); the store is damaged") from e
+    if manifest.get("format") != FORMAT:
+        raise EmbedwalkError(f"{path} is not an embedwalk activation-store manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise EmbedwalkError(f"{path} was written by a newer embedwalk (format {manifest['format_version']}); upgrade embedwalk")
+    return manifest
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(dumps(config).encode()).hexdigest()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach().to("cpu").contiguous()
+    return hashlib.sha256(t.view(torch.uint8).numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().view(np.uint8)).hexdigest()
+
+
+def model_identity(adapter) -> dict:
+    cfg = adapter.cfg
+    return {
+        "name": str(getattr(cfg, "model_name", None) or type(adapter.model).__name__),
+        "class": type(adapter.model).__name__,
+        "generation": adapter.generation,
+        "n_layers": adapter.n_layers,
+        "d_model": adapter.d_model,
+        "d_vocab": adapter.d_vocab,
+        "model_dtype": str(adapter.dtype).replace("torch.", ""),
+        "W_U_sha256": tensor_sha256(adapter.W_U.float()),
+    }
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def write_shard(path: Path, tensors: dict, metadata: dict) -> tuple[int, str]:
+    """Write a safetensors file to a temporary name, fsync, rename; return (bytes, sha256)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(len(blob)) % 8)  # data start 8-byte aligned, as safetensors recommends
+    digest = hashlib.sha256()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        for piece in (struct.pack("<Q", len(blob)), blob, *(_raw(t) for t in tensors.values())):
+            digest.update(piece)
+            f.write(piece)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return size, digest.hexdigest()
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header of ``path`` and the byte offset where tensor data starts."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise EmbedwalkError(f"shard {path} is truncated (no header); delete it and rerun the cache command to rewrite it")
+        (n,) = struct.unpack("<Q", head)
+        raw = f.read(n)
+    if len(raw) < n:
+        raise EmbedwalkError(f"shard {path} is truncated (header cut short); delete it and rerun the cache command")
+    return json.loads(raw), 8 + n
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def map_shard(path: Path) -> tuple[dict, dict]:
+    """Memory-map a shard: zero-copy torch tensors over the file, and the header metadata."""
+    header, start = read_header(path)
+    meta = header.pop("__metadata__", {}) or {}
+    mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file never touched
+    out = {}
+    for name, info in header.items():
+        s, e = info["data_offsets"]
+        if start + e > mm.shape[0]:
+            raise EmbedwalkError(f"shard {path} is truncated ({mm.shape[0]} bytes, tensor {name} needs {start + e})")
+        arr = mm[start + s : start + e].view(_NP_VIEW[info["dtype"]]).reshape(info["shape"])
+        t = torch.from_numpy(arr)
+        out[name] = t.view(_TORCH[info["dtype"]]) if info["dtype"] == "BF16" else t
+    return out, meta
