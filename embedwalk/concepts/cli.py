@@ -1,0 +1,91 @@
+"""``embedwalk concepts``: fit a regression from an activation store, run the multiple-choice tests."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_subparser(subparsers) -> None:
+    p = subparsers.add_parser("concepts", help="concept-space regressions and the paper's multiple-choice tests")
+    sub = p.add_subparsers(dest="concepts_command", metavar="SUBCOMMAND")
+
+    f = sub.add_parser("fit", help="fit a cross-validated ridge regression from an activation store",
+                       description="Stream a store once into per-fold statistics and fit ridge "
+                       "regression with per-target alpha chosen by group-fold CV.")
+    f.add_argument("--store", required=True, help="the store directory (embedwalk cache --out)")
+    f.add_argument("--x", required=True, help="stored hook for the inputs, e.g. resid_post.8")
+    f.add_argument("--y", required=True, help="a stored hook, or meta:COL[,COL] (metadata columns; "
+                   "text columns are one-hot encoded)")
+    f.add_argument("--reverse", action="store_true", help="swap the sides: regress the x vectors on y")
+    f.add_argument("--group", default="prompt", help="fold groups: 'prompt' (default) or a metadata column")
+    f.add_argument("--folds", type=int, default=5)
+    f.add_argument("--alphas", default=None, help="comma-separated ridge strengths (default: a grid "
+                   "scaled to the data)")
+    f.add_argument("--batch-size", type=int, default=4096)
+    f.add_argument("--out", default=None, help="save the fit here (.safetensors)")
+    f.set_defaults(func=_fit)
+
+    m = sub.add_parser("mc", help="the concept-similarity and concept-generation tests on the "
+                       "multiple-choice set, against full-context scoring and chance")
+    m.add_argument("--model", default="smollm2", help="smollm2 (default), a .gguf file, an HF folder or hub name")
+    m.add_argument("--generation", default=None, choices=["bridge", "hooked"])
+    m.add_argument("--device", default=None)
+    m.add_argument("--layer", type=int, default=-1, help="readout point for the similarity summary "
+                   "(0 = embedding, -1 = last block)")
+    m.add_argument("--gen-layer", type=int, default=0, help="readout point of the vectors fed as "
+                   "input embeddings (default 0: token-embedding space)")
+    m.add_argument("--reduction", default="mean", choices=["mean", "weighted", "last"])
+    m.add_argument("--limit", type=int, default=None, help="use the first N items")
+    m.add_argument("--data", default=None, help="a JSONL file of items (default: the shipped set)")
+    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--csv", default=None, help="write the long-form accuracy table here")
+    m.set_defaults(func=_mc)
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from embedwalk.concepts.experiments import fit_from_store
+
+    alphas = None if args.alphas is None else [float(a) for a in args.alphas.split(",")]
+    fit, info = fit_from_store(args.store, args.x, args.y, reverse=args.reverse, group=args.group,
+                               n_folds=args.folds, alphas=alphas, batch_size=args.batch_size)
+    df = fit.to_dataframe()
+    print(df.head(20).to_string(index=False))
+    if len(df) > 20:
+        print(f"... {len(df)} targets")
+    print(f"rows {info['rows']}  pass {info['seconds_pass']:.2f} s ({info['rows_per_s']:.0f} rows/s)  "
+          f"held-out R² (all targets) {fit.cv_r2_overall:.4f}")
+    if args.out:
+        fit.save(args.out)
+        print(f"saved {args.out}")
+    return 0
+
+
+def _mc(args: argparse.Namespace) -> int:
+    import json
+
+    from embedwalk.concepts.experiments import multiple_choice
+    from embedwalk.testing import installed_generation
+
+    if args.model in ("tiny-gpt2", "tiny-llama"):
+        from embedwalk.testing import tiny_model
+
+        model = tiny_model(args.model.split("-")[1], args.generation or installed_generation())
+    else:
+        from embedwalk.models import load_model
+
+        model = load_model(args.model, generation=args.generation or installed_generation(), device=args.device)
+    items = None
+    if args.data:
+        with open(args.data, encoding="utf-8") as fh:
+            items = [json.loads(line) for line in fh if line.strip()]
+    if args.limit:
+        from embedwalk.concepts.datasets import load_dataset
+
+        items = (items or load_dataset("multiple_choice"))[: args.limit]
+    res = multiple_choice(model, items, layer=args.layer, gen_layer=args.gen_layer,
+                          reduction=args.reduction, batch_size=args.batch_size)
+    print(res.summary().to_string(index=False))
+    if args.csv:
+        res.to_dataframe().to_csv(args.csv, index=False)
+    return 0
