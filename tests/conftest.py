@@ -15,7 +15,9 @@ from embedwalk.testing import installed_generation, tiny_model
 GENERATION = installed_generation()
 TINY_KINDS = ["gpt2", "llama"] + (["gpt2-compat"] if GENERATION == "bridge" else [])
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per test process: CI runs the two TransformerLens generations side by side on
+# two cores, and tiny-model ops are faster single-threaded anyway.
+torch.set_num_threads(int(os.environ.get("EMBEDWALK_TEST_THREADS", "1")))
 
 
 def make_tiny(kind: str, **kwargs):
