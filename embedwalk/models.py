@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -63,9 +64,14 @@ def load_hf(source: Union[str, Path] = "smollm2", *, dtype: torch.dtype = torch.
         # A tokenizer saved to a folder and loaded back is one TransformerBridge can always re-load.
         tok_dir = cache_dir() / f"tokenizer-{path.stem}"
         if not (tok_dir / "tokenizer_config.json").exists():
-            tmp = tok_dir.with_suffix(".partial")
+            # A private temporary name, renamed when complete: two processes loading at once
+            # never see each other's half-written folder.
+            tmp = tok_dir.with_name(f"{tok_dir.name}.partial-{os.getpid()}")
             AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-            tmp.rename(tok_dir)
+            try:
+                tmp.rename(tok_dir)
+            except OSError:  # another process finished first; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         name = path.stem

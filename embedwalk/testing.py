@@ -7,6 +7,8 @@ with a word-level tokenizer ("w2 w3 ..."), served as a TL 4 ``TransformerBridge`
 
 from __future__ import annotations
 
+import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -30,7 +32,7 @@ def _tokenizer_dir(vocab: int) -> Path:
         words = {"<unk>": 0, "<|endoftext|>": 1, **{f"w{i}": i for i in range(2, vocab)}}
         tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=words, unk_token="<unk>"))
         tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-        tmp = path.with_suffix(f".partial{torch.randint(1 << 30, ()).item()}")
+        tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
         PreTrainedTokenizerFast(
             tokenizer_object=tok, unk_token="<unk>", bos_token="<|endoftext|>",
             eos_token="<|endoftext|>", pad_token="<|endoftext|>",
@@ -38,7 +40,7 @@ def _tokenizer_dir(vocab: int) -> Path:
         try:
             tmp.rename(path)
         except OSError:  # another process won the race; its copy is identical
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
