@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     adapter = ew.adapt(model)
     print(f"loaded {adapter} in {time.perf_counter() - t0:.1f} s")
 
-    result = ew.logit_lens(model, args.prompt, positions="last", top_k=args.top_k)
+    result = ew.logit_lens(model, args.prompt, top_k=args.top_k)  # every position: the figure shows them all
     print(f"\nprompt: {args.prompt!r}\nwhere the composite context vector points at the last position, layer by layer:\n")
     print(result.format_table())
     figure = result.plot()

@@ -178,7 +178,9 @@ class LogitLensResult:
             top = self.top_ids[:, rows, 0]
             for r in range(R):
                 for c in range(P):
-                    ax.text(c, r, self._str(int(top[r, c]))[:8], ha="center", va="center", fontsize=6, color="w")
+                    rgba = im.cmap(im.norm(values[r, c]))
+                    light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5  # readable on any cell
+                    ax.text(c, r, self._str(int(top[r, c]))[:8], ha="center", va="center", fontsize=6, color="k" if light else "w")
         ax.set_yticks(range(R), self.labels, fontsize=7)
         ax.set_xticks(range(P), [self._str(int(t)) for t in self.token[rows]], rotation=60, fontsize=7)
         ax.set_xlabel("input token (position)")
