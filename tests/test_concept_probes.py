@@ -26,14 +26,6 @@ from embedwalk.concepts.probes import (
 from embedwalk.concepts.stats import ClassStats, group_folds, tensor_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny matrices: threads buy nothing and, on a busy 2-core box, OpenMP
-    # spin-waiting makes them ~10x slower. Restore the setting for other modules.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _classes(n=900, p=10, C=3, sep=1.0, seed=0, per_group=5):

@@ -15,14 +15,6 @@ from embedwalk.concepts.ridge import RidgeFit, fit_ridge, heldout_sse, ridge_pat
 from embedwalk.concepts.stats import FoldedStats, MomentStats, group_folds
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny matrices: threads buy nothing and, on a busy 2-core box, OpenMP
-    # spin-waiting makes them ~10x slower. Restore the setting for other modules.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _problem(n=600, p=12, q=5, seed=0, noise=(0.5, 1, 2, 4, 8)):

@@ -18,14 +18,6 @@ from embedwalk.concepts.stats import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny matrices: threads buy nothing and, on a busy 2-core box, OpenMP
-    # spin-waiting makes them ~10x slower. Restore the setting for other modules.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 def _centred_reference(x: np.ndarray, y: np.ndarray):
     x = x.astype(np.float64)
