@@ -33,10 +33,9 @@ def main(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     import embedwalk as ew
-    from embedwalk.testing import installed_generation
 
     t0 = time.perf_counter()
-    model = ew.load_model(args.model, generation=args.generation or installed_generation())
+    model = ew.load_model(args.model, generation=args.generation)
     adapter = ew.adapt(model)
     print(f"loaded {adapter} in {time.perf_counter() - t0:.1f} s")
 

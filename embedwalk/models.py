@@ -19,7 +19,7 @@ import torch
 
 from embedwalk.errors import EmbedwalkError
 
-__all__ = ["load_model", "load_hf", "wrap", "hooked_from_hf", "smollm2_gguf_path", "default_device"]
+__all__ = ["load_model", "load_hf", "wrap", "hooked_from_hf", "smollm2_gguf_path", "default_device", "installed_generation"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -102,14 +102,37 @@ def wrap(hf_model, tokenizer, *, generation: str = "bridge", device: Optional[st
     raise EmbedwalkError(f"generation must be 'bridge' (TL 4.x) or 'hooked' (TL 2.x/3.x), got {generation!r}")
 
 
+def installed_generation() -> str:
+    """'bridge' when TransformerLens 4.x is installed, else 'hooked' (TL 2.x/3.x)."""
+    return "bridge" if tl_major() >= 4 else "hooked"
+
+
+def tl_major() -> int:
+    from importlib.metadata import version
+
+    return int(version("transformer-lens").split(".")[0])
+
+
+TINY_MODELS = ("tiny-gpt2", "tiny-llama")
+
+
 def load_model(
     source: Union[str, Path] = "smollm2",
     *,
-    generation: str = "bridge",
+    generation: Optional[str] = None,
     device: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
 ):
-    """Load ``source`` (``"smollm2"``, a .gguf file, an HF folder or hub name) as a TL model."""
+    """Load ``source`` as a TL model: ``"smollm2"``, a .gguf file, an HF folder or hub name, or
+    ``"tiny-gpt2"`` / ``"tiny-llama"`` (the random test models of :mod:`embedwalk.testing`).
+
+    ``generation`` defaults to what is installed: a bridge on TL 4, a HookedTransformer before.
+    """
+    generation = generation or installed_generation()
+    if str(source) in TINY_MODELS:
+        from embedwalk.testing import tiny_model
+
+        return tiny_model(str(source).split("-", 1)[1], generation, device=device or "cpu", dtype=dtype)
     hf, tokenizer = load_hf(source, dtype=dtype)
     return wrap(hf, tokenizer, generation=generation, device=device)
 

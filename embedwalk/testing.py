@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from embedwalk.models import cache_dir, wrap
+from embedwalk.models import cache_dir, installed_generation, wrap
 
-__all__ = ["tiny_tokenizer", "tiny_hf", "tiny_model", "VOCAB"]
+__all__ = ["tiny_tokenizer", "tiny_hf", "tiny_model", "installed_generation", "VOCAB"]
 
 VOCAB = 200
 
@@ -85,14 +85,3 @@ def tiny_model(
         generation = installed_generation()
     hf = tiny_hf(arch, seed=seed, **kwargs)
     return wrap(hf, tiny_tokenizer(padding_side=padding_side), generation=generation, device=device, name=f"tiny-{arch}")
-
-
-def installed_generation() -> str:
-    """'bridge' when TransformerLens 4.x is installed, else 'hooked' (TL 2.x/3.x)."""
-    return "bridge" if tl_major() >= 4 else "hooked"
-
-
-def tl_major() -> int:
-    from importlib.metadata import version
-
-    return int(version("transformer-lens").split(".")[0])

@@ -27,7 +27,7 @@ def _model(args):
 
 def _model_args(p):
     p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, an HF folder or hub name")
-    p.add_argument("--generation", default="bridge", choices=["bridge", "hooked"], help="TL 4 bridge or TL 2/3 HookedTransformer")
+    p.add_argument("--generation", default=None, choices=["bridge", "hooked"], help="TL 4 bridge or TL 2/3 HookedTransformer (default: installed)")
     p.add_argument("--text", action="append", help="a prompt (repeatable)")
     p.add_argument("--file", help="a text file; paragraphs separated by blank lines")
     p.add_argument("--batch-size", type=int, default=8)

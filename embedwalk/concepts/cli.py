@@ -65,16 +65,9 @@ def _mc(args: argparse.Namespace) -> int:
     import json
 
     from embedwalk.concepts.experiments import multiple_choice
-    from embedwalk.testing import installed_generation
+    from embedwalk.models import load_model
 
-    if args.model in ("tiny-gpt2", "tiny-llama"):
-        from embedwalk.testing import tiny_model
-
-        model = tiny_model(args.model.split("-")[1], args.generation or installed_generation())
-    else:
-        from embedwalk.models import load_model
-
-        model = load_model(args.model, generation=args.generation or installed_generation(), device=args.device)
+    model = load_model(args.model, generation=args.generation, device=args.device)
     items = None
     if args.data:
         with open(args.data, encoding="utf-8") as fh:

@@ -21,9 +21,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from embedwalk.models import load_model
-    from embedwalk.testing import installed_generation
 
-    return load_model(args.model, generation=args.generation or installed_generation(), device=args.device)
+    return load_model(args.model, generation=args.generation, device=args.device)
 
 
 def _logit(args) -> int:

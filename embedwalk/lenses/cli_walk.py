@@ -21,14 +21,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from embedwalk.models import load_model
-    from embedwalk.testing import installed_generation, tiny_model
 
-    source = getattr(args, "model", None) or "smollm2"
-    generation = getattr(args, "generation", None) or installed_generation()
-    device = getattr(args, "device", None)
-    if str(source).startswith("tiny-"):
-        return tiny_model(str(source)[5:], generation, device=device or "cpu")
-    return load_model(source, generation=generation, device=device)
+    return load_model(getattr(args, "model", None) or "smollm2", generation=getattr(args, "generation", None),
+                      device=getattr(args, "device", None))
 
 
 def _positions(text: str):

@@ -47,7 +47,6 @@ def _heads(args) -> int:
 
     import embedwalk as ew
     from embedwalk.errors import EmbedwalkError
-    from embedwalk.testing import installed_generation
 
     from .model import head_priority
 
@@ -56,7 +55,7 @@ def _heads(args) -> int:
         texts += [line for line in Path(args.text_file).read_text().splitlines() if line.strip()]
     if not texts:
         raise EmbedwalkError("give text to read: embedwalk priority heads \"some text\" or --text-file FILE")
-    model = ew.load_model(args.model, generation=args.generation or installed_generation())
+    model = ew.load_model(args.model, generation=args.generation)
     result = head_priority(model, texts)
     df = result.to_dataframe().sort_values("ratio", ascending=False)
     print(df.head(args.top).to_string(index=False, float_format=lambda v: f"{v:.3f}"))

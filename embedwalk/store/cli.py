@@ -30,17 +30,6 @@ def add_subparser(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
-def _load(name: str, generation, device):
-    from embedwalk.testing import installed_generation, tiny_model
-
-    generation = generation or installed_generation()
-    if name in ("tiny-gpt2", "tiny-llama"):
-        return tiny_model(name.split("-")[1], generation, device=device or "cpu")
-    from embedwalk.models import load_model
-
-    return load_model(name, generation=generation, device=device)
-
-
 def _ints(text):
     return None if text is None else [int(x) for x in text.split(",") if x.strip()]
 
@@ -55,7 +44,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise EmbedwalkError("--data is required: a text file (one prompt per line) or a .jsonl file")
-    model = _load(args.model, args.generation, args.device)
+    from embedwalk.models import load_model
+
+    model = load_model(args.model, generation=args.generation, device=args.device)
     store = cache_activations(
         model, args.data, args.out,
         hooks=[h.strip() for h in args.hooks.split(",")] if args.hooks else None,
