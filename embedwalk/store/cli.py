@@ -59,19 +59,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m embedwalk.store.cli ...``: the cache command alone, for launchers (torchrun -m)."""
-    import sys
+    """``python -m embedwalk.store.cli cache ...``: the same command, for launchers (torchrun -m)."""
+    from embedwalk.cli import main as embedwalk_main
 
-    from embedwalk.errors import EmbedwalkError
-
-    parser = argparse.ArgumentParser(prog="embedwalk")
-    add_subparser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except EmbedwalkError as e:
-        print(f"embedwalk: error: {e}", file=sys.stderr)
-        return 2
+    return embedwalk_main(argv)
 
 
 if __name__ == "__main__":
