@@ -20,6 +20,8 @@ from embedwalk.errors import EmbedwalkError
 
 __all__ = ["ModelAdapter", "adapt"]
 
+_ROW_BLOCK = 16
+
 _ADAPTERS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelAdapter]" = weakref.WeakKeyDictionary()
 
 
@@ -201,12 +203,18 @@ class ModelAdapter:
 
         The unembed module (not ``x @ W_U``) is called so the float32 arithmetic is the
         model's own: a re-implemented product differs from the model's logits by ~3e-5 on
-        SmolLM2, above the 1e-5 the final readout must meet.
+        SmolLM2, above the 1e-5 the final readout must meet. For the same reason rows are
+        padded to a multiple of 16: CPU BLAS rounds a ragged tail of rows differently, while
+        the model's own forward pass sends ordinary batches through the main kernel.
         """
         shape = x.shape
-        flat = x.reshape(1, -1, shape[-1])
-        logits = self.model.unembed(self.model.ln_final(flat))
-        return logits.reshape(*shape[:-1], logits.shape[-1])
+        flat = x.reshape(-1, shape[-1])
+        n = flat.shape[0]
+        pad = -n % _ROW_BLOCK
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad, shape[-1])])
+        logits = self.model.unembed(self.model.ln_final(flat[None]))[0]
+        return logits[:n].reshape(*shape[:-1], logits.shape[-1])
 
     # ------------------------------------------------------------------ tokens
     @property

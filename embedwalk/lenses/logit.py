@@ -307,24 +307,12 @@ class LogitLensReader(Reader):
 
 
 # ---------------------------------------------------------------------------- arithmetic
-_ROW_BLOCK = 16
-
-
 def _log_probs(adapter: ModelAdapter, x: Tensor) -> Tensor:
-    """float32 log-probs of residual rows through the model's own readout.
-
-    Rows are padded to a multiple of 16 so that every row takes the GEMM's main kernel: CPU
-    BLAS kernels round a ragged tail of rows differently (~3e-5 on SmolLM2's logits), and the
-    model's own forward pass puts the rows of an ordinary batch through the main kernel.
-    """
-    n = x.shape[0]
-    pad = -n % _ROW_BLOCK
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[-1])])
+    """float32 log-probs of residual rows through the model's own readout."""
     z = adapter.readout(x)
     z = z if z.dtype in (torch.float32, torch.float64) else z.float()
     torch.log_softmax(z, -1, out=z)  # in place: torch's own kernel, no second [rows, vocab] buffer
-    return z[:n] if pad else z
+    return z
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
