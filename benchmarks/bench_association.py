@@ -1,13 +1,22 @@
 """Forward pass with every head swapped for uniform aggregation: fast path vs pattern replacement
 vs the plain forward (the anchor). Prints a table; asserts nothing.
 
+Rows: the plain forward; the fast path (every layer bypassed: values, running mean, output
+projection, no query-key path); the fast path's hook fallback (what a layer runs when it cannot
+be bypassed: the model computes its own pattern and ``hook_z`` is overwritten); the pattern
+replacement. Methods are timed in turns, repeat by repeat, so drift hits them alike. Peak extra
+memory is CUDA's allocator peak on GPU and the resident-set peak (sampled every millisecond,
+above the level before the call) on CPU.
+
     python benchmarks/bench_association.py [--quick] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import threading
 import time
 
 import torch
@@ -27,18 +36,26 @@ def gpt2_small_random(generation, device):
     return wrap(hf, tiny_tokenizer(), generation=generation, device=device, name="gpt2-small-random")
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+class HookFallbackSwap(UniformSwap):
+    """The fast path as a layer runs it when it cannot be bypassed (every hook point watched)."""
+
+    def bypasses(self, adapter, *, watched, taken, ctx):
+        return super().bypasses(adapter, watched=frozenset(adapter.model.hook_dict.values()), taken=taken, ctx=ctx)
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_extra(fn, device):
@@ -47,7 +64,23 @@ def peak_extra(fn, device):
         base = torch.cuda.memory_allocated()
         fn()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return float("nan")  # torch keeps no peak statistic for CPU memory; measured on CUDA only
+    if not os.path.exists("/proc/self/statm"):
+        return float("nan")
+    base, peak, done = _rss_mib(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], _rss_mib()) - base
 
 
 def bench(name, model, tokens, repeats, device):
@@ -57,17 +90,25 @@ def bench(name, model, tokens, repeats, device):
         with torch.no_grad():
             model(tokens)
 
-    def swapped(method):
-        return lambda: ew.run(model, tokens, writers=[UniformSwap(method=method)], progress=False, batch_size=len(tokens))
+    def swapped(swap):
+        return lambda: ew.run(model, tokens, writers=[swap], progress=False, batch_size=len(tokens))
 
-    rows = []
-    base = None
-    for label, fn in (("plain forward (anchor)", plain), ("swap: fast path (hook_z)", swapped("fast")),
-                      ("swap: pattern replacement", swapped("pattern"))):
-        t = timed(fn, repeats)
-        base = base or t
-        rows.append((name, label, t * 1000, t / base, peak_extra(fn, device)))
-    return rows
+    methods = {
+        "plain forward (anchor)": plain,
+        "swap: fast path (bypass)": swapped(UniformSwap(method="fast")),
+        "swap: fast, hook fallback": swapped(HookFallbackSwap(method="fast")),
+        "swap: pattern replacement": swapped(UniformSwap(method="pattern")),
+    }
+    for fn in methods.values():  # warm-up: one-time allocations and lazy imports
+        fn()
+    peaks = {label: peak_extra(fn, device) for label, fn in methods.items()}
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    for _ in range(repeats):
+        for label, fn in methods.items():
+            times[label].append(timed(fn))
+    base = statistics.median(times["plain forward (anchor)"])
+    return [(name, label, statistics.median(t) * 1000, statistics.median(t) / base, peaks[label])
+            for label, t in times.items()]
 
 
 def main():

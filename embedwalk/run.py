@@ -3,11 +3,14 @@
 A *reader* is attached to hook points and reduces what it sees on the fly (a lens never asks
 for a cache). A *writer* edits a hook's value (an intervention such as the uniform-attention
 swap). ``run`` composes any number of both in a single forward pass per batch; at a hook
-point that has both, the writers go first so the readers see the edited value.
+point that has both, the writers go first so the readers see the edited value. A writer may
+also *bypass* an attention module for the run, replacing its forward with a cheaper one that
+fires fewer hook points (the uniform swap skips the query-key path); a bypass is never
+installed where any reader, writer or user hook watches a hook point it would silence.
 
-Hooks are registered as plain torch forward hooks on the model's ``HookPoint`` modules and
-are always removed afterwards, also when a reader raises; the model's train/eval mode is
-restored and no gradient is recorded through the model.
+Hooks are registered as plain torch forward hooks on the model's ``HookPoint`` modules; hooks
+and bypasses are always removed afterwards, also when a reader raises; the model's train/eval
+mode is restored and no gradient is recorded through the model.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Batch, Inputs, batches
+from embedwalk.mixing import Bypass
 
 __all__ = ["Reader", "Writer", "Context", "run", "attached"]
 
@@ -64,7 +68,27 @@ class Reader:
 
 
 class Writer:
-    """Edits activations at hook points and returns the new value."""
+    """Edits activations at hook points and returns the new value.
+
+    A writer may also replace whole attention forwards for the run (``bypasses``), e.g. to
+    skip work whose result it would overwrite anyway.
+    """
+
+    def bypasses(
+        self,
+        adapter: ModelAdapter,
+        *,
+        watched: frozenset,
+        taken: frozenset,
+        ctx: Callable[[], "Context"],
+    ) -> list[Bypass]:
+        """Forwards to replace for this run; called once, before ``hook_points``.
+
+        ``watched``: the HookPoint modules other readers and writers attach to (a bypass must
+        not silence any of them). ``taken``: modules already bypassed by an earlier writer.
+        ``ctx()`` returns the current batch's context while the forward runs.
+        """
+        return []
 
     def hook_points(self, adapter: ModelAdapter) -> Sequence[str]:
         raise NotImplementedError
@@ -80,8 +104,10 @@ def attached(
     writers: Sequence[Writer],
     ctx_ref: list,
 ):
-    """Register one hook per hook point for every reader and writer; remove them on exit."""
+    """Install the writers' bypasses and one hook per hook point for every reader and writer;
+    undo both on exit."""
     model = adapter.model
+    bypassed = _plan_bypasses(adapter, readers, writers, ctx_ref)
     at: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     for w in writers:
         for name in w.hook_points(adapter):
@@ -119,13 +145,50 @@ def attached(
         return hook
 
     handles = []
+    replaced: list[tuple[torch.nn.Module, Any]] = []
     try:
+        for b in bypassed:
+            replaced.append((b.module, b.module.__dict__.get("forward", _UNSET)))
+            # object.__setattr__: TL 4 bridge components forward attribute writes to the wrapped
+            # HF module, which would patch the wrong forward.
+            object.__setattr__(b.module, "forward", b.forward)
         for name, parties in at.items():
             handles.append(model.hook_dict[name].register_forward_hook(make_hook(name, parties)))
         yield
     finally:
         for h in handles:
             h.remove()
+        for module, previous in reversed(replaced):
+            if previous is _UNSET:
+                module.__dict__.pop("forward", None)
+            else:
+                object.__setattr__(module, "forward", previous)
+
+
+_UNSET = object()
+
+
+def _plan_bypasses(adapter: ModelAdapter, readers, writers, ctx_ref: list) -> list[Bypass]:
+    hook_dict = adapter.model.hook_dict
+    points = {
+        id(p): frozenset(hook_dict[n] for n in p.hook_points(adapter) if n in hook_dict)
+        for p in (*readers, *writers)
+    }
+    # Hooks the user added with TransformerLens (model.add_hook, a hooks() context) are watched
+    # too: a bypass must not silence them behind the user's back.
+    user = frozenset(hp for hp in set(hook_dict.values()) if hp._forward_hooks or hp._forward_pre_hooks)
+    out: list[Bypass] = []
+    for w in writers:
+        watched = user.union(*(points[id(p)] for p in (*readers, *writers) if p is not w))
+        taken = frozenset(b.module for b in out)
+        for b in w.bypasses(adapter, watched=watched, taken=taken, ctx=lambda: ctx_ref[0]):
+            if b.module in taken or b.silent & watched:
+                raise EmbedwalkError(
+                    f"writer {type(w).__name__} bypassed {type(b.module).__name__} although it is "
+                    "taken or watched; a bypass must respect the watched and taken sets it is given"
+                )
+            out.append(b)
+    return out
 
 
 def forward(adapter: ModelAdapter, batch: Batch) -> Tensor:

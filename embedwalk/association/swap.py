@@ -10,11 +10,16 @@ Two ways to apply it, equal to 1e-5:
 - ``method="pattern"`` writes the pattern at ``blocks.{l}.attn.hook_pattern`` (after the
   softmax; never the pre-softmax scores, which TL 4 hooks after the causal mask, so editing
   them could leak the future). Readers at ``hook_pattern`` then see the written pattern.
-- ``method="fast"`` writes ``hook_z`` directly as the masked running mean of ``hook_v``
-  (a cumulative sum over valid keys divided by their count), expanded to the query heads for
-  grouped-query attention. No ``pos x pos`` pattern is built for the swapped heads, but the
-  model still computes its own scores and pattern (hooks cannot skip them), and readers at
-  ``hook_pattern`` see the model's own pattern.
+- ``method="fast"`` computes ``z`` as the masked running mean of the values (a cumulative
+  sum over valid keys divided by their count), expanded to the query heads for grouped-query
+  attention. A layer whose heads are all swapped runs a bypass forward
+  (:mod:`embedwalk.mixing`): values, running mean, output projection, and no queries, keys,
+  rotary, scores or softmax at all, which makes the swapped model cheaper than the plain one.
+  ``hook_v``, ``hook_z`` and the attention output hooks still fire there. A layer with only
+  some heads swapped, or one where another reader or writer of the run attaches to a hook of
+  the skipped path (``hook_q``, ``hook_pattern``, ...), falls back to hooks: the model
+  computes its own pattern, readers at ``hook_pattern`` see it, and ``hook_z`` is overwritten
+  for the swapped heads.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from embedwalk.adapter import ModelAdapter
+from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
+from embedwalk.mixing import Bypass, mixing_forward
 from embedwalk.run import Context, Writer
 
 __all__ = ["UniformSwap", "resolve_targets", "uniform_pattern", "uniform_z", "Targets", "PatternFn"]
@@ -132,8 +138,9 @@ class UniformSwap(Writer):
     ``targets``: ``"all"``, a layer, a list of layers, or ``(layer, head)`` pairs.
     ``exclude_self``: average over earlier valid keys only. ``pattern_fn``: a user pattern
     ``fn(mask, layer) -> [batch, q, k] or [batch, n_heads, q, k]`` (pattern method only; it
-    may put no weight on future or pad keys). ``method``: ``"fast"`` (running mean written at
-    ``hook_z``) or ``"pattern"`` (pattern written at ``hook_pattern``).
+    may put no weight on future or pad keys). ``method``: ``"fast"`` (the running mean of the
+    values; fully swapped layers are bypassed, see the module docstring) or ``"pattern"``
+    (pattern written at ``hook_pattern``).
     """
 
     def __init__(
@@ -154,6 +161,7 @@ class UniformSwap(Writer):
             method = "pattern"  # a user pattern has no running-mean shortcut
         self.targets, self.exclude_self, self.pattern_fn, self.method = targets, exclude_self, pattern_fn, method
         self._resolved: Optional[tuple[int, dict[int, list[int]]]] = None
+        self._bypassed: tuple[int, frozenset] = (0, frozenset())
 
     def heads(self, adapter: ModelAdapter) -> dict[int, list[int]]:
         key = id(adapter)
@@ -161,11 +169,36 @@ class UniformSwap(Writer):
             self._resolved = (key, resolve_targets(adapter, self.targets))
         return self._resolved[1]
 
+    def bypasses(self, adapter: ModelAdapter, *, watched, taken, ctx) -> list[Bypass]:
+        out = []
+        if self.method == "fast":
+            for layer, heads in self.heads(adapter).items():
+                if len(heads) != adapter.n_heads:
+                    continue
+
+                def mix(v, layer=layer):
+                    return uniform_z(v, ctx().batch.mask, adapter.n_heads, adapter.n_kv_heads,
+                                     exclude_self=self.exclude_self)
+
+                b = mixing_forward(adapter, layer, mix)
+                if b is not None and b.module not in taken and not (b.silent & watched):
+                    out.append((layer, b))
+        self._bypassed = (id(adapter), frozenset(layer for layer, _ in out))
+        return [b for _, b in out]
+
+    def bypassed_layers(self, model) -> frozenset:
+        """Layers of ``model`` (or its adapter) that the last run served with the bypass forward
+        (no query-key path at all)."""
+        key, layers = self._bypassed
+        return layers if key == id(adapt(model)) else frozenset()
+
     def hook_points(self, adapter: ModelAdapter) -> list[str]:
         names = []
+        skip = self.bypassed_layers(adapter)
         for layer in self.heads(adapter):
             if self.method == "fast":
-                names += [adapter.hook("v", layer), adapter.hook("z", layer)]
+                if layer not in skip:
+                    names += [adapter.hook("v", layer), adapter.hook("z", layer)]
             else:
                 names.append(adapter.hook("pattern", layer))
         return names
