@@ -148,6 +148,13 @@ def test_layer_probes_match_direct_cross_validation(tiny):
         assert abs(cv.accuracy - row.real) < 1e-12
     assert ((df.real_p > 0) & (df.real_p <= 1)).all()
     assert np.allclose(df.selectivity, df.real - df.control)
+    # 5 permutations resolve p only down to 1/6: alpha=0.05 is unreachable and must say so
+    with pytest.raises(EmbedwalkError, match="n_perm >= 20"):
+        res.first_readable()
+    first = res.first_readable(margin=-1.0, alpha=0.5).iloc[0]
+    ok = df[(df.selectivity >= -1.0) & (df.real_p < 0.5)]
+    assert first.first_point == (ok.sort_values("index").point.iloc[0] if len(ok) else None)
+    assert first.best_accuracy == df.real.max()
 
 
 def test_random_copy_is_fresh_and_deterministic(tiny_arch):

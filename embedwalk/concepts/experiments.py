@@ -331,7 +331,14 @@ class LayerProbeResult:
 
     def first_readable(self, margin: float = 0.1, alpha: float = 0.05) -> pd.DataFrame:
         """Per concept, the first point where the trained model's probe beats its control
-        task by ``margin`` with p < ``alpha``."""
+        task by ``margin`` with p < ``alpha`` (None where no point does)."""
+        n_perm = self.meta.get("n_perm")
+        if n_perm is not None and 1 / (1 + n_perm) >= alpha:
+            raise EmbedwalkError(
+                f"with n_perm={n_perm} the smallest possible permutation p-value is "
+                f"{1 / (1 + n_perm):.3f}, so no point can reach p < {alpha}; rerun layer_probes with "
+                f"n_perm >= {int(np.ceil(1 / alpha))} or pass a larger alpha"
+            )
         out = []
         df = self.table[self.table.model == "trained"]
         for concept, d in df.groupby("concept", sort=False):
