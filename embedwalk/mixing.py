@@ -77,7 +77,7 @@ def mixing_forward(adapter: ModelAdapter, layer: int, mix: Mixer) -> Optional[By
     attn = adapter.model.blocks[layer].attn
     if adapter.generation == "bridge":
         return _bridge(attn, adapter, layer, mix)
-    return _hooked(attn, adapter, mix)
+    return _hooked(attn, mix)
 
 
 def _heads(x: Tensor, n: int) -> Tensor:
@@ -85,7 +85,7 @@ def _heads(x: Tensor, n: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- TL 2.x / 3.x
-def _hooked(attn, adapter: ModelAdapter, mix: Mixer) -> Optional[Bypass]:
+def _hooked(attn, mix: Mixer) -> Optional[Bypass]:
     from transformer_lens.components import Attention, GroupedQueryAttention
     from transformer_lens.utilities.attention import complex_attn_linear, simple_attn_linear
 
@@ -137,7 +137,7 @@ def _bridge(attn, adapter: ModelAdapter, layer: int, mix: Mixer) -> Optional[Byp
     if getattr(hf, "key_multiplier", None) is not None or getattr(attn, "_reorder_and_upcast_attn", False):
         return None
     joint = kind is JointQKVAttentionBridge
-    n_heads, n_kv = adapter.n_heads, adapter.n_kv_heads
+    n_kv = adapter.n_kv_heads
 
     def forward(*args, **kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

@@ -170,16 +170,14 @@ class UniformSwap(Writer):
         return self._resolved[1]
 
     def bypasses(self, adapter: ModelAdapter, *, watched, taken, ctx) -> list[Bypass]:
+        def mix(v):
+            return uniform_z(v, ctx().batch.mask, adapter.n_heads, adapter.n_kv_heads, exclude_self=self.exclude_self)
+
         out = []
         if self.method == "fast":
             for layer, heads in self.heads(adapter).items():
                 if len(heads) != adapter.n_heads:
                     continue
-
-                def mix(v, layer=layer):
-                    return uniform_z(v, ctx().batch.mask, adapter.n_heads, adapter.n_kv_heads,
-                                     exclude_self=self.exclude_self)
-
                 b = mixing_forward(adapter, layer, mix)
                 if b is not None and b.module not in taken and not (b.silent & watched):
                     out.append((layer, b))
