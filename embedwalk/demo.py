@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from embedwalk.models import add_model_arguments, model_from_args
+
 DEFAULT_PROMPT = "The capital of France is"
 
 
@@ -20,9 +22,7 @@ def add_subparser(sub) -> None:
         ),
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text to read (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, an HF folder or hub name")
-    p.add_argument("--generation", default=None, choices=["bridge", "hooked"],
-                   help="TransformerLens generation (default: what is installed)")
+    add_model_arguments(p)
     p.add_argument("--top-k", type=int, default=5, help="tokens to show per layer (default 5)")
     p.add_argument("--png", default="embedwalk-demo.png", help="where to write the figure")
     p.set_defaults(func=main)
@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
     import embedwalk as ew
 
     t0 = time.perf_counter()
-    model = ew.load_model(args.model, generation=args.generation)
+    model = model_from_args(args)
     adapter = ew.adapt(model)
     print(f"loaded {adapter} in {time.perf_counter() - t0:.1f} s")
 

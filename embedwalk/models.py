@@ -19,7 +19,7 @@ import torch
 
 from embedwalk.errors import EmbedwalkError
 
-__all__ = ["load_model", "load_hf", "wrap", "hooked_from_hf", "smollm2_gguf_path", "default_device", "installed_generation"]
+__all__ = ["load_model", "add_model_arguments", "model_from_args", "load_hf", "wrap", "hooked_from_hf", "smollm2_gguf_path", "default_device", "installed_generation"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -135,6 +135,26 @@ def load_model(
         return tiny_model(str(source).split("-", 1)[1], generation, device=device or "cpu", dtype=dtype)
     hf, tokenizer = load_hf(source, dtype=dtype)
     return wrap(hf, tokenizer, generation=generation, device=device)
+
+
+def add_model_arguments(parser, *, suppress: bool = False) -> None:
+    """``--model``, ``--generation`` and ``--device`` for a CLI subcommand; read back with
+    :func:`model_from_args`. ``suppress`` leaves unset options off the namespace, so a value
+    given to a parent parser is not overwritten by this one's default."""
+    import argparse
+
+    unset = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument("--model", **(unset or {"default": "smollm2"}),
+                        help="smollm2 (default), a .gguf file, an HF folder or hub name, or tiny-gpt2 / tiny-llama")
+    parser.add_argument("--generation", **(unset or {"default": None}), choices=["bridge", "hooked"],
+                        help="TL 4 bridge or TL 2/3 HookedTransformer (default: the installed one)")
+    parser.add_argument("--device", **(unset or {"default": None}), help="cpu or cuda (default: cuda when present)")
+
+
+def model_from_args(args):
+    """Load the model named by the options :func:`add_model_arguments` added."""
+    return load_model(getattr(args, "model", None) or "smollm2", generation=getattr(args, "generation", None),
+                      device=getattr(args, "device", None))
 
 
 def _rope_theta(config) -> float:

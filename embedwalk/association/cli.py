@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from embedwalk.models import add_model_arguments, model_from_args
+
 
 def _texts(args) -> list[str]:
     from embedwalk.errors import EmbedwalkError
@@ -19,15 +21,8 @@ def _texts(args) -> list[str]:
     return texts
 
 
-def _model(args):
-    from embedwalk.models import load_model
-
-    return load_model(args.model, generation=args.generation)
-
-
 def _model_args(p):
-    p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, an HF folder or hub name")
-    p.add_argument("--generation", default=None, choices=["bridge", "hooked"], help="TL 4 bridge or TL 2/3 HookedTransformer (default: installed)")
+    add_model_arguments(p)
     p.add_argument("--text", action="append", help="a prompt (repeatable)")
     p.add_argument("--file", help="a text file; paragraphs separated by blank lines")
     p.add_argument("--batch-size", type=int, default=8)
@@ -38,7 +33,7 @@ def _sweep(args) -> int:
     from embedwalk.association.measure import sweep
 
     units = [u.strip() for u in args.units.split(",") if u.strip()]
-    res = sweep(_model(args), _texts(args), units=units, exclude_self=args.exclude_self,
+    res = sweep(model_from_args(args), _texts(args), units=units, exclude_self=args.exclude_self,
                 method=args.method, batch_size=args.batch_size, progress=True)
     table = res.table
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
@@ -52,7 +47,7 @@ def _sweep(args) -> int:
 def _measure(args) -> int:
     from embedwalk.association.measure import association_bias
 
-    res = association_bias(_model(args), _texts(args), exclude_self=args.exclude_self, batch_size=args.batch_size)
+    res = association_bias(model_from_args(args), _texts(args), exclude_self=args.exclude_self, batch_size=args.batch_size)
     df = res.to_dataframe().pivot_table(index=["layer", "head"], columns="metric", values="value").reset_index()
     print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"uniform expectation of self attention: {res.self_uniform:.4f} over {res.n_tokens} tokens")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from embedwalk.models import add_model_arguments, model_from_args
+
 
 def add_subparser(subparsers) -> None:
     p = subparsers.add_parser("concepts", help="concept-space regressions and the paper's multiple-choice tests")
@@ -27,9 +29,7 @@ def add_subparser(subparsers) -> None:
 
     m = sub.add_parser("mc", help="the concept-similarity and concept-generation tests on the "
                        "multiple-choice set, against full-context scoring and chance")
-    m.add_argument("--model", default="smollm2", help="smollm2 (default), a .gguf file, an HF folder or hub name")
-    m.add_argument("--generation", default=None, choices=["bridge", "hooked"])
-    m.add_argument("--device", default=None)
+    add_model_arguments(m)
     m.add_argument("--layer", type=int, default=-1, help="readout point for the similarity summary "
                    "(0 = embedding, -1 = last block)")
     m.add_argument("--gen-layer", type=int, default=0, help="readout point of the vectors fed as "
@@ -65,9 +65,8 @@ def _mc(args: argparse.Namespace) -> int:
     import json
 
     from embedwalk.concepts.experiments import multiple_choice
-    from embedwalk.models import load_model
 
-    model = load_model(args.model, generation=args.generation, device=args.device)
+    model = model_from_args(args)
     items = None
     if args.data:
         with open(args.data, encoding="utf-8") as fh:

@@ -6,30 +6,19 @@ module that exists gets ``add_lens_subparsers(lens_subparsers)`` called.
 
 from __future__ import annotations
 
-import argparse
 import importlib
+
+from embedwalk.models import add_model_arguments, model_from_args
 
 # Modules that register more `embedwalk lens <name>` subcommands (walk, decompose, decode).
 LENS_SUBCOMMAND_MODULES = ["embedwalk.lenses.cli_walk"]
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="'smollm2', a GGUF file, a Hugging Face folder or hub name")
-    p.add_argument("--generation", default=None, choices=["bridge", "hooked"], help="TransformerLens generation (default: installed)")
-    p.add_argument("--device", default=None)
-
-
-def _load(args):
-    from embedwalk.models import load_model
-
-    return load_model(args.model, generation=args.generation, device=args.device)
 
 
 def _logit(args) -> int:
     from embedwalk.lenses.logit import logit_lens
     from embedwalk.lenses.tuned import TunedLens
 
-    model = _load(args)
+    model = model_from_args(args)
     translator = TunedLens.load(args.tuned, model) if args.tuned else None
     positions = "last" if args.last else None
     res = logit_lens(model, args.text, positions=positions, targets=args.target, top_k=args.top_k,
@@ -53,7 +42,7 @@ def _tuned_train(args) -> int:
     from embedwalk.lenses.logit import logit_lens
     from embedwalk.lenses.tuned import sample_text, train_tuned_lens
 
-    model = _load(args)
+    model = model_from_args(args)
     if args.text_file:
         paragraphs = [p for p in Path(args.text_file).read_text(encoding="utf-8").split("\n\n") if p.strip()]
         cut = max(1, int(0.8 * len(paragraphs)))
@@ -79,7 +68,7 @@ def add_subparser(subparsers) -> None:
     lens.set_defaults(func=lambda args: lens.print_help() or 0)
 
     p = sub.add_parser("logit", help="logit (or tuned) lens of a text: top tokens, target rank, entropy, KL per layer")
-    _model_args(p)
+    add_model_arguments(p)
     p.add_argument("text", nargs="+", help="one or more prompts")
     p.add_argument("--target", default=None, help="a one-token target string for every position (default: the next token)")
     p.add_argument("--last", action="store_true", help="only the last position of each prompt")
@@ -93,7 +82,7 @@ def add_subparser(subparsers) -> None:
     p.set_defaults(func=_logit)
 
     p = sub.add_parser("tuned-train", help="train a tuned lens and report held-out KL against the logit lens")
-    _model_args(p)
+    add_model_arguments(p)
     p.add_argument("--text-file", default=None, help="UTF-8 text, paragraphs separated by blank lines (default: embedwalk's sample prose)")
     p.add_argument("--out", required=True, help="folder to write tuned_lens.safetensors + config.json")
     p.add_argument("--layers", default=None, help="comma-separated readout indices to train (default: all)")

@@ -5,25 +5,14 @@ from __future__ import annotations
 import argparse
 
 from embedwalk.errors import EmbedwalkError
+from embedwalk.models import add_model_arguments, model_from_args
 
 __all__ = ["add_lens_subparsers"]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    # SUPPRESS keeps a value given to the parent ``lens`` parser from being overwritten here.
-    p.add_argument("--model", default=argparse.SUPPRESS,
-                   help="smollm2 (default), a .gguf file, an HF folder or hub name, or tiny-gpt2 / tiny-llama")
-    p.add_argument("--generation", default=argparse.SUPPRESS, choices=["bridge", "hooked"],
-                   help="TransformerLens generation (default: the installed one)")
-    p.add_argument("--device", default=argparse.SUPPRESS, help="cpu or cuda (default: cuda when present)")
+    add_model_arguments(p, suppress=True)  # a value given to the parent ``lens`` parser stays
     p.add_argument("--png", default=None, help="also save the figure to this PNG file")
-
-
-def _load(args):
-    from embedwalk.models import load_model
-
-    return load_model(getattr(args, "model", None) or "smollm2", generation=getattr(args, "generation", None),
-                      device=getattr(args, "device", None))
 
 
 def _positions(text: str):
@@ -51,7 +40,7 @@ def _save(fig, path) -> None:
 def _walk(args) -> int:
     from embedwalk.lenses.walk import walk_lens
 
-    res = walk_lens(_load(args), args.text, positions=_positions(args.positions), nearest_k=args.k)
+    res = walk_lens(model_from_args(args), args.text, positions=_positions(args.positions), nearest_k=args.k)
     _print(res.summary())
     df = res.to_dataframe()
     first = df[(df.prompt == int(res.prompt[args.index])) & (df.pos == int(res.pos[args.index]))]
@@ -67,7 +56,7 @@ def _decompose(args) -> int:
     from embedwalk.lenses.decompose import decompose
 
     token = int(args.token) if args.token is not None and args.token.isdigit() else args.token
-    res = decompose(_load(args), args.text, layer=args.layer, position=args.position, token=token,
+    res = decompose(model_from_args(args), args.text, layer=args.layer, position=args.position, token=token,
                     stage=args.stage, by_source=not args.no_sources)
     print(f"residual {res.layer}.{res.stage} at pos {res.position} ({res.str_tokens[res.position]!r}); "
           f"{len(res.kinds)} parts, relative reconstruction error {res.relative_error:.2e}")
@@ -89,7 +78,7 @@ def _decompose(args) -> int:
 def _decode(args) -> int:
     from embedwalk.lenses.decoding import decoding_walk
 
-    walk = decoding_walk(_load(args), args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    walk = decoding_walk(model_from_args(args), args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(f"{args.prompt!r} -> {walk.text!r}  (path log-prob {float(walk.path_logprob[-1]) if len(walk.chosen) else 0.0:.3f})\n")
     _print(walk.steps())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from embedwalk.models import add_model_arguments, model_from_args
+
 
 def add_subparser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Add ``priority reproduce`` to the main CLI's subparsers.
@@ -33,8 +35,7 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> argparse.Argument
     )
     heads.add_argument("text", nargs="*", help="text to read (or use --text-file)")
     heads.add_argument("--text-file", help="a text file, one passage per line")
-    heads.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, an HF folder or hub name")
-    heads.add_argument("--generation", default=None, choices=["bridge", "hooked"])
+    add_model_arguments(heads)
     heads.add_argument("--top", type=int, default=15, help="rows to print, highest ratio first")
     heads.add_argument("--png", help="write the layer x head heatmap here")
     heads.add_argument("--csv", help="write the full table here")
@@ -45,7 +46,6 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> argparse.Argument
 def _heads(args) -> int:
     from pathlib import Path
 
-    import embedwalk as ew
     from embedwalk.errors import EmbedwalkError
 
     from .model import head_priority
@@ -55,7 +55,7 @@ def _heads(args) -> int:
         texts += [line for line in Path(args.text_file).read_text().splitlines() if line.strip()]
     if not texts:
         raise EmbedwalkError("give text to read: embedwalk priority heads \"some text\" or --text-file FILE")
-    model = ew.load_model(args.model, generation=args.generation)
+    model = model_from_args(args)
     result = head_priority(model, texts)
     df = result.to_dataframe().sort_values("ratio", ascending=False)
     print(df.head(args.top).to_string(index=False, float_format=lambda v: f"{v:.3f}"))

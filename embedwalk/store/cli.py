@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from embedwalk.models import add_model_arguments, model_from_args
+
 
 def add_subparser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -12,8 +14,7 @@ def add_subparser(subparsers) -> None:
         description="Run a model over a collection and store chosen hooks at chosen positions as "
         "safetensors shards. Rerunning the same command resumes after the last complete shard.",
     )
-    p.add_argument("--model", default="smollm2", help="smollm2 (default), a .gguf file, an HF folder or hub name, or tiny-gpt2/tiny-llama")
-    p.add_argument("--generation", default=None, choices=["bridge", "hooked"], help="TL 4 bridge or TL 2/3 HookedTransformer (default: what is installed)")
+    add_model_arguments(p)
     p.add_argument("--data", help="a text file (one prompt per line) or a .jsonl file")
     p.add_argument("--text-field", default="text", help="the text field of JSONL rows (others become metadata)")
     p.add_argument("--hooks", default=None, help="comma-separated: resid_post.5,final,final_normed,blocks.3.hook_resid_mid ...")
@@ -25,7 +26,6 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--rank", type=int, default=None, help="this worker's rank (default: $RANK)")
     p.add_argument("--world-size", type=int, default=None, help="number of workers (default: $WORLD_SIZE)")
     p.add_argument("--merge", action="store_true", help="join the rank folders under --out into one store and exit")
-    p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="the store directory")
     p.set_defaults(func=_run)
 
@@ -44,9 +44,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise EmbedwalkError("--data is required: a text file (one prompt per line) or a .jsonl file")
-    from embedwalk.models import load_model
 
-    model = load_model(args.model, generation=args.generation, device=args.device)
+    model = model_from_args(args)
     store = cache_activations(
         model, args.data, args.out,
         hooks=[h.strip() for h in args.hooks.split(",")] if args.hooks else None,
