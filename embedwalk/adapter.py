@@ -150,6 +150,45 @@ class ModelAdapter:
             points.append(ReadoutPoint(len(points), self.hook("resid_post", layer), str(layer)))
         return points
 
+    # ------------------------------------------------------------------ attention
+    def attention_window(self, layer: int) -> Optional[int]:
+        """The sliding window of ``layer``'s attention, or None for full causal attention.
+
+        Query ``i`` reaches key ``j`` when ``j <= i`` and ``i - j < window`` (positions of the
+        padded sequence, as Hugging Face and TransformerLens mask them). Read from the model:
+        TL 2/3 ``cfg.attn_types``/``cfg.window_size``; on the bridge from the wrapped Hugging
+        Face attention and its config (``layer_types``/``sliding_window``, GPT-Neo's
+        ``attention_type``/``window_size``), because the bridge's own cfg fields may be None.
+        Raises EmbedwalkError for a layer kind it does not know (e.g. chunked attention).
+        """
+        layer = self.check_layer(layer)
+        if self.generation != "bridge":
+            kinds = getattr(self.cfg, "attn_types", None)
+            if kinds is None or kinds[layer] == "global":
+                return None
+            if kinds[layer] == "local":
+                return int(self.cfg.window_size)
+            raise EmbedwalkError(f"layer {layer} has attention type {kinds[layer]!r}, which embedwalk does not know")
+        hf = getattr(self.model.blocks[layer].attn, "original_component", None)
+        config = getattr(hf, "config", None) or getattr(getattr(self.model, "original_model", None), "config", None)
+        kind = getattr(hf, "attention_type", None)  # GPT-Neo: "global" | "local"
+        if kind in ("global", "local"):
+            return int(config.window_size) if kind == "local" else None
+        types = getattr(config, "layer_types", None)
+        if types is not None:
+            if types[layer] == "full_attention":
+                return None
+            if types[layer] == "sliding_attention":
+                return int(config.sliding_window)
+            raise EmbedwalkError(
+                f"layer {layer} of {type(hf).__name__} is a {types[layer]!r} layer; embedwalk knows only "
+                "full and sliding-window causal attention, so it cannot say which keys this layer reaches"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window is None or getattr(config, "use_sliding_window", True) is False:
+            return None
+        return int(window)  # Mistral, Mixtral, Phi-3, StarCoder2: every layer slides
+
     # ------------------------------------------------------------------ weights
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:

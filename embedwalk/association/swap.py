@@ -32,6 +32,7 @@ from torch import Tensor
 
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
+from embedwalk.association.probes import AttentionRoutes, attention_routes
 from embedwalk.mixing import Bypass, mixing_forward
 from embedwalk.run import Context, Writer
 
@@ -81,19 +82,35 @@ def resolve_targets(adapter: ModelAdapter, targets: Targets = "all") -> dict[int
     return {layer: sorted(heads) for layer, heads in sorted(out.items())}
 
 
-def uniform_pattern(
-    mask: Bool[Tensor, "batch pos"], *, exclude_self: bool = False, dtype: torch.dtype = torch.float32
-) -> Float[Tensor, "batch q k"]:
-    """The uniform causal pattern over valid keys; rows of queries with no valid key are zero
-    (left padding), and with ``exclude_self`` a query with no earlier valid key attends to itself."""
+def _reachable(mask: Tensor, exclude_self: bool, window: Optional[int]) -> Tensor:
+    """``[batch, q, k]``: the keys query ``i`` averages over."""
     pos = mask.shape[-1]
     idx = torch.arange(pos, device=mask.device)
-    causal = idx[None, :] < idx[:, None] if exclude_self else idx[None, :] <= idx[:, None]
+    gap = idx[:, None] - idx[None, :]  # i - j
+    causal = (gap > 0) if exclude_self else (gap >= 0)
+    if window is not None:
+        causal = causal & (gap < window)
     allowed = causal[None] & mask[:, None, :]
     if exclude_self:
         empty = ~allowed.any(-1)
         allowed = allowed | (empty[..., None] & torch.eye(pos, dtype=torch.bool, device=mask.device))
-    weights = allowed.to(torch.float32)
+    return allowed
+
+
+def uniform_pattern(
+    mask: Bool[Tensor, "batch pos"],
+    *,
+    exclude_self: bool = False,
+    window: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Float[Tensor, "batch q k"]:
+    """The uniform causal pattern over valid keys; rows of queries with no valid key are zero
+    (left padding), and with ``exclude_self`` a query with no earlier valid key attends to itself.
+
+    ``window``: a sliding window (query ``i`` reaches keys ``i - window < j <= i``, positions of
+    the padded sequence as the model masks them); None for the whole prefix.
+    """
+    weights = _reachable(mask, exclude_self, window).to(torch.float32)
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
     return weights.to(dtype)
 
@@ -103,6 +120,13 @@ def _heads_view(x: Tensor, n: int) -> Tensor:
     return x.reshape(*x.shape[:2], n, -1) if x.ndim == 3 else x
 
 
+def _windowed(total: Tensor, window: int) -> Tensor:
+    # Sum over the last ``window`` positions from a cumulative sum along dim 1.
+    before = torch.zeros_like(total)
+    before[:, window:] = total[:, :-window]
+    return total - before
+
+
 def uniform_z(
     v: Float[Tensor, "batch pos kv_heads_or_flat ..."],
     mask: Bool[Tensor, "batch pos"],
@@ -110,23 +134,30 @@ def uniform_z(
     n_kv_heads: int,
     *,
     exclude_self: bool = False,
+    window: Optional[int] = None,
 ) -> Float[Tensor, "batch pos n_heads d_head"]:
-    """What ``hook_z`` would be under uniform aggregation: the masked running mean of ``v``.
+    """What ``hook_z`` would be under uniform aggregation: the masked running mean of ``v``
+    (over the last ``window`` positions when the layer slides).
 
-    Summed in float32 (a running sum over hundreds of keys loses bits in 16-bit types) and
-    returned in float32; grouped-query heads are expanded as TL and HF do (head ``h`` reads
-    key-value head ``h // (n_heads // n_kv_heads)``).
+    Summed in float32 (float64 for a window, whose sums are differences of running sums; a
+    running sum over hundreds of keys loses bits in 16-bit types) and returned in float32;
+    grouped-query heads are expanded as TL and HF do (head ``h`` reads key-value head
+    ``h // (n_heads // n_kv_heads)``).
     """
-    v4 = _heads_view(v, n_kv_heads).to(torch.float32)
-    m = mask.to(device=v.device, dtype=torch.float32)[:, :, None, None]
+    acc = torch.float64 if window is not None else torch.float32
+    v4 = _heads_view(v, n_kv_heads).to(acc)
+    m = mask.to(device=v.device, dtype=acc)[:, :, None, None]
     total = torch.cumsum(v4 * m, dim=1)
     count = torch.cumsum(m, dim=1)
+    if window is not None:
+        total, count = _windowed(total, window), _windowed(count, window)
     if exclude_self:
         total, count = total - v4 * m, count - m
-        first = count == 0  # no earlier valid key: the query keeps its own value
+        first = count == 0  # no earlier reachable key: the query keeps its own value
         mean = torch.where(first, v4, total / count.clamp_min(1.0))
     else:
         mean = total / count.clamp_min(1.0)
+    mean = mean.to(torch.float32)
     if n_heads != n_kv_heads:
         mean = mean.repeat_interleave(n_heads // n_kv_heads, dim=2)
     return mean
@@ -136,11 +167,20 @@ class UniformSwap(Writer):
     """Replace the attention of chosen heads with uniform causal aggregation.
 
     ``targets``: ``"all"``, a layer, a list of layers, or ``(layer, head)`` pairs.
-    ``exclude_self``: average over earlier valid keys only. ``pattern_fn``: a user pattern
+    ``keys``: ``"reachable"`` (default) averages over the keys the layer's own attention can
+    reach: causal, not padding, and within the layer's sliding window if it has one (Mistral,
+    Gemma-2's sliding layers, GPT-Neo's local layers; see ``ModelAdapter.attention_window``);
+    ``"prefix"`` averages over every valid key ``j <= i`` even beyond the window.
+    ``exclude_self``: average over earlier reachable keys only. ``pattern_fn``: a user pattern
     ``fn(mask, layer) -> [batch, q, k] or [batch, n_heads, q, k]`` (pattern method only; it
     may put no weight on future or pad keys). ``method``: ``"fast"`` (the running mean of the
     values; fully swapped layers are bypassed, see the module docstring) or ``"pattern"``
-    (pattern written at ``hook_pattern``).
+    (the pattern written at ``hook_pattern``; on attention classes where an edit there cannot
+    reach the output, ``z = pattern @ v`` is written at ``hook_z`` instead, see the module
+    docstring).
+
+    Raises EmbedwalkError for bad arguments, and at run time when the model's hooks cannot
+    carry the swap (``hook_v``/``hook_z`` never fire, or ``hook_v`` fires after ``hook_z``).
     """
 
     def __init__(
@@ -150,9 +190,15 @@ class UniformSwap(Writer):
         exclude_self: bool = False,
         pattern_fn: Optional[PatternFn] = None,
         method: str = "fast",
+        keys: str = "reachable",
     ):
         if method not in ("fast", "pattern"):
             raise EmbedwalkError(f"method must be 'fast' or 'pattern', got {method!r}")
+        if keys not in ("reachable", "prefix"):
+            raise EmbedwalkError(
+                f"keys must be 'reachable' (the keys the layer's own attention reaches, its sliding window "
+                f"included) or 'prefix' (every earlier valid key), got {keys!r}"
+            )
         if pattern_fn is not None:
             if not callable(pattern_fn):
                 raise EmbedwalkError(f"pattern_fn must be callable fn(mask, layer), got {type(pattern_fn).__name__}")
@@ -160,6 +206,7 @@ class UniformSwap(Writer):
                 raise EmbedwalkError("exclude_self applies to the built-in uniform pattern; pass either it or pattern_fn")
             method = "pattern"  # a user pattern has no running-mean shortcut
         self.targets, self.exclude_self, self.pattern_fn, self.method = targets, exclude_self, pattern_fn, method
+        self.keys = keys
         self._resolved: Optional[tuple[int, dict[int, list[int]]]] = None
         self._bypassed: tuple[int, frozenset] = (0, frozenset())
 
@@ -169,16 +216,21 @@ class UniformSwap(Writer):
             self._resolved = (key, resolve_targets(adapter, self.targets))
         return self._resolved[1]
 
-    def bypasses(self, adapter: ModelAdapter, *, watched, taken, ctx) -> list[Bypass]:
-        def mix(v):
-            return uniform_z(v, ctx().batch.mask, adapter.n_heads, adapter.n_kv_heads, exclude_self=self.exclude_self)
+    def window(self, adapter: ModelAdapter, layer: int) -> Optional[int]:
+        """The sliding window this swap averages within at ``layer`` (None: the whole prefix)."""
+        return adapter.attention_window(layer) if self.keys == "reachable" else None
 
+    def _mix(self, v: Tensor, mask: Tensor, adapter: ModelAdapter, layer: int) -> Tensor:
+        return uniform_z(v, mask, adapter.n_heads, adapter.n_kv_heads, exclude_self=self.exclude_self,
+                         window=self.window(adapter, layer))
+
+    def bypasses(self, adapter: ModelAdapter, *, watched, taken, ctx) -> list[Bypass]:
         out = []
         if self.method == "fast":
             for layer, heads in self.heads(adapter).items():
                 if len(heads) != adapter.n_heads:
                     continue
-                b = mixing_forward(adapter, layer, mix)
+                b = mixing_forward(adapter, layer, lambda v, layer=layer: self._mix(v, ctx().batch.mask, adapter, layer))
                 if b is not None and b.module not in taken and not (b.silent & watched):
                     out.append((layer, b))
         self._bypassed = (id(adapter), frozenset(layer for layer, _ in out))
@@ -190,14 +242,31 @@ class UniformSwap(Writer):
         key, layers = self._bypassed
         return layers if key == id(adapt(model)) else frozenset()
 
+    def _routes(self, adapter: ModelAdapter) -> AttentionRoutes:
+        routes = attention_routes(adapter)
+        for layer in self.heads(adapter):
+            if not routes.v_before_z[layer]:
+                raise EmbedwalkError(
+                    f"{adapter.hook('v', layer)} fires after {adapter.hook('z', layer)} on this model, so the "
+                    "uniform swap cannot compute z from the values there"
+                )
+        return routes
+
+    def _value_route(self, adapter: ModelAdapter, layer: int) -> bool:
+        # The pattern method on a layer where an edit at hook_pattern never reaches z.
+        return self.method == "pattern" and not attention_routes(adapter).pattern_reaches_z[layer]
+
     def hook_points(self, adapter: ModelAdapter) -> list[str]:
         names = []
         skip = self.bypassed_layers(adapter)
-        for layer in self.heads(adapter):
-            if self.method == "fast":
-                if layer not in skip:
-                    names += [adapter.hook("v", layer), adapter.hook("z", layer)]
-            else:
+        layers = [layer for layer in self.heads(adapter) if layer not in skip]
+        if not layers:
+            return names
+        routes = self._routes(adapter)
+        for layer in layers:
+            if self.method == "fast" or self._value_route(adapter, layer):
+                names += [adapter.hook("v", layer), adapter.hook("z", layer)]
+            if self.method == "pattern" and routes.pattern_fires[layer]:
                 names.append(adapter.hook("pattern", layer))
         return names
 
@@ -212,29 +281,47 @@ class UniformSwap(Writer):
             return value
         if name.endswith("hook_z"):
             v = ctx.state.pop((id(self), layer))
-            new = uniform_z(v, ctx.batch.mask, a.n_heads, a.n_kv_heads, exclude_self=self.exclude_self)
+            if self.method == "fast":
+                new = self._mix(v, ctx.batch.mask, a, layer)
+            else:  # pattern method, value route: what the attention computes from the written pattern
+                b, pos = v.shape[:2]
+                p = self._layer_pattern(ctx, layer, (b, a.n_heads, pos, pos), v.device)
+                v4 = _heads_view(v, a.n_kv_heads).to(torch.float32).repeat_interleave(a.n_heads // a.n_kv_heads, dim=2)
+                new = torch.einsum("bhqk,bkhd->bqhd", p, v4)
             z = _heads_view(value, a.n_heads).clone()
             z[:, :, heads] = new[:, :, heads].to(z.dtype)
             return z.reshape(value.shape)
-        pattern = self._pattern(ctx.batch.mask, layer, a.n_heads, value)
+        pattern = self._layer_pattern(ctx, layer, tuple(value.shape), value.device)
+        if self._value_route(a, layer):
+            # The module has already used its own pattern (z was written from the same pattern);
+            # edit in place so readers here see what was applied, as TL discards a new tensor.
+            value[:, heads] = pattern[:, heads].to(value.dtype)
+            return value
         out = value.clone()
         out[:, heads] = pattern[:, heads].to(value.dtype)
         return out
 
-    def _pattern(self, mask: Tensor, layer: int, n_heads: int, value: Tensor) -> Tensor:
-        b, _, q, k = value.shape
+    def _layer_pattern(self, ctx: Context, layer: int, shape: tuple, device) -> Tensor:
+        key = (id(self), "pattern", layer)
+        if key not in ctx.state:
+            ctx.state[key] = self._pattern(ctx.batch.mask.to(device), layer, ctx.adapter, shape)
+        return ctx.state[key]
+
+    def _pattern(self, mask: Tensor, layer: int, adapter: ModelAdapter, shape: tuple) -> Tensor:
+        b, n_heads, q, k = shape
         if self.pattern_fn is None:
-            return uniform_pattern(mask, exclude_self=self.exclude_self)[:, None].expand(b, n_heads, q, k)
+            p = uniform_pattern(mask, exclude_self=self.exclude_self, window=self.window(adapter, layer))
+            return p[:, None].expand(b, n_heads, q, k)
         p = self.pattern_fn(mask, layer)
         if not isinstance(p, Tensor) or p.shape not in ((b, q, k), (b, n_heads, q, k)):
             raise EmbedwalkError(
                 f"pattern_fn returned {getattr(p, 'shape', type(p).__name__)} at layer {layer}; expected "
                 f"a tensor [batch, q, k] = {(b, q, k)} or [batch, n_heads, q, k] = {(b, n_heads, q, k)}"
             )
-        p = (p[:, None] if p.ndim == 3 else p).to(device=value.device, dtype=torch.float32)
-        idx = torch.arange(k, device=value.device)
-        allowed = (idx[None, :] <= idx[:, None])[None] & mask.to(value.device)[:, None, :]
-        leak = (p.abs() * (~allowed)[:, None] * mask.to(value.device)[:, None, :, None]).amax()
+        p = (p[:, None] if p.ndim == 3 else p).to(device=mask.device, dtype=torch.float32)
+        idx = torch.arange(k, device=mask.device)
+        allowed = (idx[None, :] <= idx[:, None])[None] & mask[:, None, :]
+        leak = (p.abs() * (~allowed)[:, None] * mask[:, None, :, None]).amax()
         if leak > 1e-6:
             raise EmbedwalkError(
                 f"pattern_fn at layer {layer} puts weight {float(leak):.3g} on future or pad keys; a causal "
@@ -244,4 +331,4 @@ class UniformSwap(Writer):
 
     def __repr__(self) -> str:
         kind = "custom" if self.pattern_fn else ("exclude_self" if self.exclude_self else "uniform")
-        return f"UniformSwap(targets={self.targets!r}, {kind}, method={self.method!r})"
+        return f"UniformSwap(targets={self.targets!r}, {kind}, method={self.method!r}, keys={self.keys!r})"
