@@ -23,7 +23,8 @@ from embedwalk.adapter import adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
 from embedwalk.run import Context, Reader, run
-from embedwalk.association.swap import Targets, UniformSwap, _heads_view, uniform_z
+from embedwalk.association.probes import value_offset
+from embedwalk.association.swap import Targets, UniformSwap, _heads_view, _reachable, uniform_z
 
 __all__ = [
     "AssociationReader", "AssociationBias", "association_bias", "SwapEffect", "downstream",
@@ -33,10 +34,19 @@ __all__ = [
 
 # --------------------------------------------------------------------------- one pass
 class AssociationReader(Reader):
-    """Per head: mean over valid queries of ‖z − z_uniform‖/‖z‖, cos(z, z_uniform), and the
-    attention to the query's own position next to the uniform expectation 1/m."""
+    """Per head: mean over valid queries of ‖z − z_uniform‖/‖z − c‖, cos(z − c, z_uniform − c),
+    and the attention to the query's own position next to the uniform expectation 1/m.
 
-    def __init__(self, *, exclude_self: bool = False):
+    ``c`` is the head's value offset (:func:`embedwalk.association.probes.value_offset`): the
+    constant part of its values, which TransformerLens weight processing (``fold_ln``,
+    ``fold_value_biases``) moves into ``b_O``. Any stochastic pattern passes it through
+    unchanged, so ``z − c`` and ``z_uniform − c`` are the same on a raw and a processed model,
+    and so are the measures. ``keys``: as for :class:`UniformSwap` (``"reachable"``: the
+    uniform mean and ``m`` count the keys within the layer's sliding window).
+    """
+
+    def __init__(self, *, exclude_self: bool = False, keys: str = "reachable"):
+        self.swap = UniformSwap(exclude_self=exclude_self, keys=keys)  # validates; owns the windows
         self.exclude_self = exclude_self
 
     def hook_points(self, adapter):
@@ -47,28 +57,37 @@ class AssociationReader(Reader):
         zeros = lambda: torch.zeros(L, H, dtype=torch.float64, device=adapter.device)  # noqa: E731
         self.dist, self.cos, self.self_attn = zeros(), zeros(), zeros()
         self.self_uniform = torch.zeros((), dtype=torch.float64, device=adapter.device)
+        self.self_uniform_layer = torch.zeros(L, dtype=torch.float64, device=adapter.device)
         self.n_tokens = 0
         self.adapter = adapter
+        offset = value_offset(adapter).to(adapter.device)  # [layer, kv_heads, d_head]
+        self.offset = offset.repeat_interleave(H // adapter.n_kv_heads, dim=1)  # [layer, heads, d_head]
+        self.windows = [self.swap.window(adapter, l) for l in range(L)]
 
     def read(self, name, value, ctx: Context):
         a, layer = ctx.adapter, int(name.split(".")[1])
         mask = ctx.batch.mask.to(value.device)
+        window = self.windows[layer]
         if name.endswith("hook_v"):
             ctx.state[(id(self), layer)] = value
         elif name.endswith("hook_z"):
-            zu = uniform_z(ctx.state.pop((id(self), layer)), mask, a.n_heads, a.n_kv_heads, exclude_self=self.exclude_self)
+            v = ctx.state.pop((id(self), layer))
+            zu = uniform_z(v, mask, a.n_heads, a.n_kv_heads, exclude_self=self.exclude_self, window=window)
             z = _heads_view(value, a.n_heads).to(torch.float32)
-            zn = z.norm(dim=-1)
-            dist = (z - zu).norm(dim=-1) / zn.clamp_min(1e-12)
-            cos = F.cosine_similarity(z, zu, dim=-1, eps=1e-12)
+            c = self.offset[layer].to(z.device)
+            z0, zu0 = z - c, zu - c
+            dist = (z - zu).norm(dim=-1) / z0.norm(dim=-1).clamp_min(1e-12)
+            cos = F.cosine_similarity(z0, zu0, dim=-1, eps=1e-12)
             self.dist[layer] += dist[mask].sum(0).double()
             self.cos[layer] += cos[mask].sum(0).double()
         else:  # pattern [batch, head, q, k]
             diag = value.diagonal(dim1=-2, dim2=-1).to(torch.float32)  # [batch, head, pos]
             self.self_attn[layer] += diag.permute(0, 2, 1)[mask].sum(0).double()
+            m = _reachable(mask, False, window).sum(-1).to(torch.float64)  # [batch, q]
+            self.self_uniform_layer[layer] += (1.0 / m[mask]).sum()
             if layer == 0:
-                m = torch.cumsum(mask.to(torch.float32), dim=-1)
-                self.self_uniform += (1.0 / m[mask]).double().sum()
+                full = torch.cumsum(mask.to(torch.float64), dim=-1)
+                self.self_uniform += (1.0 / full[mask]).sum()
                 self.n_tokens += int(mask.sum())
 
     def result(self) -> "AssociationBias":
@@ -79,6 +98,7 @@ class AssociationReader(Reader):
             self_attention=(self.self_attn / n).float().cpu(),
             self_uniform=float(self.self_uniform / n),
             n_tokens=self.n_tokens,
+            self_uniform_by_layer=(self.self_uniform_layer / n).float().cpu(),
         )
 
 
@@ -86,10 +106,17 @@ class AssociationReader(Reader):
 class AssociationBias:
     """Per layer and head, averaged over valid query positions.
 
-    ``distance``: ‖z − z_uniform‖/‖z‖; ``cosine``: cos(z, z_uniform); ``self_attention``: the
-    weight a query gives its own position; ``self_uniform``: the uniform expectation, the mean
-    of 1/m (m = valid keys ≤ i). ``self_bias = self_attention − self_uniform``: negative means
-    heads avoid their own position more than uniform aggregation would.
+    ``distance``: ‖z − z_uniform‖/‖z − c‖; ``cosine``: cos(z − c, z_uniform − c), where ``c``
+    is the head's value offset (its values at a zero block input: value bias plus norm bias
+    through ``W_V``), so that both are the same with and without TransformerLens weight
+    processing; for a model without biases ``c = 0``. ``z_uniform`` averages the values over
+    the keys the layer reaches (its sliding window included, unless ``keys="prefix"``).
+    ``self_attention``: the weight a query gives its own position; ``self_uniform``: the
+    uniform expectation over the whole causal prefix, the mean of 1/m (m = valid keys ≤ i);
+    ``self_uniform_by_layer``: the same over each layer's reachable keys (equal to
+    ``self_uniform`` on a layer without a window). ``self_bias = self_attention −
+    self_uniform_by_layer``: negative means heads avoid their own position more than uniform
+    aggregation would.
     """
 
     distance: Float[Tensor, "layer head"]
@@ -97,10 +124,13 @@ class AssociationBias:
     self_attention: Float[Tensor, "layer head"]
     self_uniform: float
     n_tokens: int
+    self_uniform_by_layer: Optional[Float[Tensor, "layer"]] = None
 
     @property
     def self_bias(self) -> Float[Tensor, "layer head"]:
-        return self.self_attention - self.self_uniform
+        if self.self_uniform_by_layer is None:
+            return self.self_attention - self.self_uniform
+        return self.self_attention - self.self_uniform_by_layer[:, None]
 
     def to_dataframe(self):
         import pandas as pd
@@ -134,11 +164,18 @@ def association_bias(
     *,
     attention_mask: Optional[Tensor] = None,
     exclude_self: bool = False,
+    keys: str = "reachable",
     batch_size: int = 8,
     **run_kwargs,
 ) -> AssociationBias:
-    """How far each head's output is from uniform aggregation, and its self bias, on ``inputs``."""
-    (res,) = run(model, inputs, readers=[AssociationReader(exclude_self=exclude_self)],
+    """How far each head's output is from uniform aggregation, and its self bias, on ``inputs``.
+
+    See :class:`AssociationReader` and :class:`AssociationBias` for the definitions: the
+    measures are invariant to TransformerLens weight processing (raw bridge, compatibility
+    mode and a processed HookedTransformer give the same numbers), and ``keys`` chooses
+    between the keys each layer reaches (default) and the whole causal prefix.
+    """
+    (res,) = run(model, inputs, readers=[AssociationReader(exclude_self=exclude_self, keys=keys)],
                  attention_mask=attention_mask, batch_size=batch_size, **run_kwargs)
     return res
 
