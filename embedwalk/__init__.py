@@ -7,7 +7,7 @@ attention mechanics. Everything attaches to one forward pass through :func:`run`
 """
 
 from embedwalk.adapter import ModelAdapter, adapt
-from embedwalk.errors import EmbedwalkError
+from embedwalk.errors import ArchitectureError, EmbedwalkError
 from embedwalk.inputs import Batch, batches, tokenize
 from embedwalk.models import load_model
 from embedwalk.run import Context, Reader, Writer, run
@@ -19,7 +19,7 @@ from embedwalk.association import UniformSwap, association_bias
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "Context", "EmbedwalkError", "ModelAdapter", "Reader", "Writer",
+    "ArchitectureError", "Batch", "Context", "EmbedwalkError", "ModelAdapter", "Reader", "Writer",
     "adapt", "batches", "load_model", "run", "tokenize", "__version__",
     "logit_lens", "TunedLens", "train_tuned_lens", "load_tuned_lens", "walk_lens", "decompose",
     "decoding_walk", "UniformSwap", "association_bias",

@@ -4,6 +4,19 @@ Both generations are served unmodified: a TL 4.x ``TransformerBridge`` (raw or a
 ``enable_compatibility_mode()``) and a TL 2.x/3.x ``HookedTransformer``. Everything else in
 embedwalk asks this adapter for sizes, hook names, weights and the final readout, so a new
 model family means a change here and nowhere else.
+
+What the adapter knows about an architecture it learns from one probe forward at
+:func:`adapt` (2 x 12 fixed token ids), not from a list of families: which hook points fire
+and with which shape, each block's layout (sequential, or parallel attention + MLP that both
+read ``resid_pre``), each sublayer's post-norm and residual scale (:class:`BlockSpec`), and
+how the embedding terms add up to ``resid_pre`` of block 0. A hook point that exists but
+never fires, or fires flattened to ``[batch*pos, d_model]``, is served from its neighbours
+where that is exact (e.g. ``attn_out = resid_mid - resid_pre``); what cannot be served is
+refused by name. The same probe is the load-time self-check: the readout (final norm, the
+model's own unembed, the model's own output-logits transform) must reproduce the model's
+logits (log-probs in compatibility mode), and each block's parts must add up to its output;
+otherwise :class:`~embedwalk.errors.ArchitectureError` names the model class, architecture,
+generation/mode, the check, the gap and the suspected reason.
 """
 
 from __future__ import annotations
@@ -16,13 +29,20 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from embedwalk.errors import EmbedwalkError
+from embedwalk.errors import ArchitectureError, EmbedwalkError
 
-__all__ = ["ModelAdapter", "adapt"]
+__all__ = ["ModelAdapter", "adapt", "BlockSpec", "Source"]
 
 _ROW_BLOCK = 16
 
 _ADAPTERS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelAdapter]" = weakref.WeakKeyDictionary()
+
+
+def _signature(model) -> tuple:
+    """What an adapter's probe depends on: a new mode, dtype, device or unembedding re-probes."""
+    W_U = getattr(model, "W_U", None)
+    return (bool(getattr(model, "compatibility_mode", False)), getattr(W_U, "dtype", None),
+            getattr(W_U, "device", None), getattr(W_U, "data_ptr", lambda: None)())
 
 
 def adapt(model) -> "ModelAdapter":
@@ -36,7 +56,7 @@ def adapt(model) -> "ModelAdapter":
             "TransformerBridge.boot_transformers(...)."
         )
     adapter = _ADAPTERS.get(model)
-    if adapter is None:
+    if adapter is None or adapter._signature != _signature(model):
         adapter = ModelAdapter(model)
         _ADAPTERS[model] = adapter
     return adapter
@@ -51,8 +71,71 @@ class ReadoutPoint:
     label: str
 
 
+@dataclass(frozen=True)
+class BlockSpec:
+    """How block ``layer`` adds to the residual stream, as the probe forward found it.
+
+    ``layout``: ``"sequential"`` (attention, then the MLP reads ``resid_mid``) or
+    ``"parallel"`` (attention and MLP both read ``resid_pre``; there is no ``resid_mid``).
+    ``attn_post_norm`` / ``mlp_post_norm``: the norm module applied to a sublayer's output
+    before it joins the residual (Gemma-2/3, OLMo-2), or None. ``residual_scale``: the factor
+    both sublayer outputs are multiplied by before joining (Granite's residual multiplier),
+    1.0 for most models. ``heads_exact``: whether ``sum_h z_h W_O[h] + b_O`` through that
+    post-norm and scale gives ``hook_attn_out`` (else ``heads_gap`` says by how much).
+    """
+
+    layer: int
+    layout: str
+    attn_post_norm: Optional[torch.nn.Module] = None
+    mlp_post_norm: Optional[torch.nn.Module] = None
+    residual_scale: float = 1.0
+    heads_exact: bool = True
+    heads_gap: float = 0.0
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a canonical hook's value comes from on this model: the signed sum of the real
+    hook points in ``terms`` (one ``(name, +1)`` when the hook fires as it should). Hooks in
+    ``flat`` fire as ``[batch*pos, ...]`` and are reshaped to ``[batch, pos, ...]``."""
+
+    name: str
+    terms: tuple
+    flat: frozenset = frozenset()
+    how: str = "fires"
+
+    @property
+    def direct(self) -> bool:
+        """Whether the hook fires as itself, with the canonical shape."""
+        return self.terms == ((self.name, 1),) and not self.flat
+
+
+_PROBE_POS = 12
+
+
+def _probe_ids(d_vocab: int) -> Tensor:
+    """2 x 12 fixed ids spread over the vocabulary, away from the low special ids; row 0
+    repeats one token at positions 3 and 9 (so token-only terms can be told from positional
+    ones), and the rows differ at every position."""
+    lo = min(3, d_vocab - 1)
+    span = max(1, d_vocab - lo)
+    rows = []
+    for r, step in enumerate((7919, 104729)):
+        rows.append([lo + (r * 31 + 17 + i * step) % span for i in range(_PROBE_POS)])
+    rows[0][9] = rows[0][3]
+    if rows[1][3] == rows[0][3]:
+        rows[1][3] = lo + (rows[1][3] - lo + 1) % span
+    return torch.tensor(rows)
+
+
 class ModelAdapter:
-    """Sizes, hook names, weights and the final readout of a TransformerLens model."""
+    """Sizes, hook names, weights, block layouts and the final readout of a TransformerLens model.
+
+    Construction runs the probe forward and the load-time self-check (see the module
+    docstring); it raises :class:`~embedwalk.errors.ArchitectureError` when the readout does
+    not reproduce the model's logits. Per-capability refusals (no ``resid_mid`` on a
+    parallel block, a hook that cannot be derived) are raised when that capability asks.
+    """
 
     def __init__(self, model: torch.nn.Module):
         hook_dict = getattr(model, "hook_dict", None)
@@ -65,43 +148,271 @@ class ModelAdapter:
             )
         self.model = model
         self.cfg = cfg
+        self._signature = _signature(model)
         self.generation = "bridge" if type(model).__name__ == "TransformerBridge" else "hooked"
+        self.compat = bool(getattr(model, "compatibility_mode", False))
         self.n_layers: int = int(cfg.n_layers)
         self.d_model: int = int(cfg.d_model)
         self.n_heads: int = int(cfg.n_heads)
         self.d_head: int = int(getattr(cfg, "d_head", self.d_model // self.n_heads))
         self.n_kv_heads: int = int(getattr(cfg, "n_key_value_heads", None) or self.n_heads)
         self.d_vocab: int = int(self.W_U.shape[-1])
-        self.has_pos_embed: bool = "hook_pos_embed" in hook_dict and self._is_learned_pos()
-        self._check_hooks()
         self._check_readout()
+        self._probe()
 
-    # ------------------------------------------------------------------ hook names
-    def _is_learned_pos(self) -> bool:
-        kind = getattr(self.cfg, "positional_embedding_type", "standard")
-        return kind in ("standard", "shortformer")
+    # ------------------------------------------------------------------ identity
+    @property
+    def architecture(self) -> str:
+        """The TransformerLens architecture name (the bridge's adapter class or TL 3's
+        ``cfg.original_architecture``)."""
+        if self.generation == "bridge":
+            arch = getattr(self.cfg, "architecture", None) or type(getattr(self.model, "adapter", None)).__name__
+        else:
+            arch = getattr(self.cfg, "original_architecture", None)
+        return str(arch or "unknown")
 
-    def _check_hooks(self) -> None:
-        needed = ["hook_embed", self.final_resid_hook] + [
-            self.hook(kind, layer)
-            for layer in range(self.n_layers)
-            for kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pattern", "z")
-        ]
-        missing = [name for name in needed if name not in self.model.hook_dict]
-        if missing:
-            raise EmbedwalkError(
-                f"{type(self.model).__name__} lacks hook points embedwalk needs: {missing[:6]}"
-                f"{' ...' if len(missing) > 6 else ''}. embedwalk reads TransformerLens hook names "
-                "(blocks.{l}.hook_resid_pre/mid/post, attn.hook_pattern/z, ...); use a "
-                "TransformerBridge or HookedTransformer built by TransformerLens."
+    @property
+    def mode(self) -> str:
+        if self.generation == "hooked":
+            return "TL 3 HookedTransformer"
+        return "TL 4 TransformerBridge, " + ("compatibility mode" if self.compat else "raw")
+
+    def _where(self) -> str:
+        return f"{type(self.model).__name__} ({self.architecture}; {self.mode})"
+
+    def refuse(self, what: str, why: str, fix: str = "") -> ArchitectureError:
+        """An :class:`ArchitectureError` for ``what`` on this model, naming the architecture."""
+        return ArchitectureError(f"{what} is not available on {self._where()}: {why}" + (f". {fix}" if fix else ""))
+
+    # ------------------------------------------------------------------ probe
+    def _tol(self) -> float:
+        return 2e-2 if self.dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+    def _declared_parallel(self, layer: int) -> bool:
+        block = self.model.blocks[layer]
+        if self.generation == "bridge":
+            return "Parallel" in type(block).__name__
+        return bool(getattr(self.cfg, "parallel_attn_mlp", False))
+
+    def _post_norm(self, layer: int, which: str) -> Optional[torch.nn.Module]:
+        block = self.model.blocks[layer]
+        mod = getattr(block, f"{which}_post", None) if f"{which}_post" in dict(block.named_children()) else None
+        return mod if isinstance(mod, torch.nn.Module) else None
+
+    def _probe(self) -> None:
+        """One forward on :func:`_probe_ids`: learn the hook sources and block specs, and run
+        the self-check (readout = model logits; block parts add up)."""
+        hook_dict = self.model.hook_dict
+        kinds = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "v", "pattern", "q", "k", "scores")
+        names = ["hook_embed", "hook_pos_embed"] + [self._HOOKS[k].format(l=l) for l in range(self.n_layers) for k in kinds]
+        seen: dict[str, Tensor] = {}
+        handles = []
+        for name in names:
+            if name in hook_dict:
+                handles.append(hook_dict[name].register_forward_hook(
+                    lambda mod, inp, out, name=name: seen.__setitem__(name, out.detach()) if isinstance(out, Tensor) else None))
+        ids = _probe_ids(self.d_vocab)
+        B, P = ids.shape
+        was = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                logits = self.model(ids.to(self.device))
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was)
+        self.shapes = {n: tuple(v.shape) for n, v in seen.items()}
+        self.sources: dict[str, Source] = {}
+        self.unavailable: dict[str, str] = {}
+        flat = set()
+
+        def val(name):
+            v = seen.get(name)
+            if v is None:
+                return None
+            if v.shape[:2] != (B, P) and v.shape[0] == B * P:
+                flat.add(name)
+                v = v.reshape(B, P, *v.shape[1:])
+            return v.double()
+
+        def not_fired(name):
+            return "is not a hook point of this model" if name not in hook_dict else "exists but never fires"
+
+        tol = self._tol()
+
+        def gap(a, b) -> float:
+            return float((a - b).abs().max() / (1.0 + b.abs().max()))
+
+        def put(name, terms, how):
+            flats = frozenset(n for n, _ in terms if n in flat)
+            if flats:
+                how += f" ({', '.join(sorted(flats))} fire flattened to [batch*pos, ...]; reshaped)"
+            self.sources[name] = Source(name, tuple(tuple(t) for t in terms), flats, how)
+
+        resid = {}
+        for l in range(self.n_layers):
+            for k in ("resid_pre", "resid_post"):
+                name = self._HOOKS[k].format(l=l)
+                if val(name) is None:
+                    raise ArchitectureError(
+                        f"{self._where()}: hook {name} {not_fired(name)}; embedwalk reads the residual stream "
+                        "at blocks.{l}.hook_resid_pre/post, which every TransformerLens block should fire."
+                    )
+                resid[(k, l)] = val(name)
+                put(name, [(name, 1)], "fires")
+
+        # ---- embedding terms: hook_embed (+ hook_pos_embed) must add up to resid_pre of block 0
+        R0 = resid[("resid_pre", 0)]
+        token_only = gap(R0[0, 3], R0[0, 9]) <= tol
+        E, Pp = val("hook_embed"), val("hook_pos_embed")
+        pre0 = self._HOOKS["resid_pre"].format(l=0)
+        self.has_pos_embed = False
+        if E is not None and Pp is not None and gap(E + Pp, R0) <= tol:
+            put("hook_embed", [("hook_embed", 1)], "fires")
+            put("hook_pos_embed", [("hook_pos_embed", 1)], "fires")
+            self.has_pos_embed = True
+        elif E is not None and gap(E, R0) <= tol:
+            put("hook_embed", [("hook_embed", 1)], "fires")
+            self.unavailable["hook_pos_embed"] = "the model adds no position vector to the residual stream"
+        elif E is not None and not token_only and gap((R0 - E)[0], (R0 - E)[1]) <= tol:
+            # The position part exists but never reaches hook_pos_embed (XGLM's sinusoids).
+            put("hook_embed", [("hook_embed", 1)], "fires")
+            put("hook_pos_embed", [(pre0, 1), ("hook_embed", -1)], "derived: resid_pre(0) - hook_embed")
+            self.has_pos_embed = True
+        elif E is None and token_only:
+            put("hook_embed", [(pre0, 1)], "derived: resid_pre(0) (hook_embed never fires; no position vector)")
+            self.unavailable["hook_pos_embed"] = "the model adds no position vector to the residual stream"
+        else:
+            why = ("hook_embed " + not_fired("hook_embed")) if E is None else (
+                f"hook_embed + hook_pos_embed miss resid_pre of block 0 by {gap(E + (Pp if Pp is not None else 0), R0):.3g}")
+            for n in ("hook_embed", "hook_pos_embed"):
+                self.unavailable[n] = why + " and the rest is not a pure position term"
+
+        # ---- blocks
+        self.blocks: list[BlockSpec] = []
+        for l in range(self.n_layers):
+            self.blocks.append(self._probe_block(l, val, resid, put, not_fired, gap, tol))
+
+        # ---- the readout must reproduce the model's own output
+        final = resid[("resid_post", self.n_layers - 1)]
+        with torch.no_grad():
+            mine = self.readout(final.to(self.dtype)).double()
+        theirs = logits.double()
+        if self.compat:
+            mine, theirs, unit = mine.log_softmax(-1), theirs.log_softmax(-1), "log-prob"
+        else:
+            unit = "logit"
+        spread = (theirs.amax(-1) - theirs.amin(-1)).clamp_min(1e-6)
+        err = float(((mine - theirs).abs().amax(-1) / spread).max())
+        self.readout_gap = err
+        rtol = 2e-2 if self.dtype in (torch.float16, torch.bfloat16) else 2e-5
+        if not err <= rtol:
+            ratio = float((theirs / mine.where(mine.abs() > 1e-6, torch.ones_like(mine))).median())
+            suspect = (
+                "the logits are soft-capped or rescaled after the unembedding by a transform embedwalk "
+                f"does not see (median model/readout ratio {ratio:.3g})" if abs(ratio - 1) > 1e-3 else
+                "a module sits between the final residual and the logits that final norm -> unembed misses"
             )
+            raise ArchitectureError(
+                f"load-time self-check failed on {self._where()}: readout(final resid_post) = final norm -> "
+                f"unembed -> output transform misses the model's own {unit}s by {err:.3g} x the per-position "
+                f"spread (tolerance {rtol:g}). Suspected: {suspect}. Every lens reads through this readout, so "
+                "embedwalk refuses the model rather than print wrong numbers; please report the architecture."
+            )
+
+    def _probe_block(self, l, val, resid, put, not_fired, gap, tol) -> BlockSpec:
+        h = lambda k: self._HOOKS[k].format(l=l)  # noqa: E731
+        pre, post = resid[("resid_pre", l)], resid[("resid_post", l)]
+        mid, attn, mlp = val(h("resid_mid")), val(h("attn_out")), val(h("mlp_out"))
+        parallel = self._declared_parallel(l)
+        if parallel and mid is not None:
+            raise ArchitectureError(
+                f"{self._where()}: block {l} is declared parallel (attention and MLP both read resid_pre) "
+                "yet fires hook_resid_mid; its configuration and structure disagree."
+            )
+        why_mid = "this block is parallel: attention and MLP both read resid_pre, so no resid_mid exists"
+        if parallel:
+            self.unavailable[h("resid_mid")] = why_mid
+            terms = {}
+            if attn is not None:
+                terms["attn_out"] = ([(h("attn_out"), 1)], "fires")
+            elif mlp is not None:
+                terms["attn_out"] = ([(h("resid_post"), 1), (h("resid_pre"), -1), (h("mlp_out"), -1)],
+                                     "derived: resid_post - resid_pre - mlp_out")
+            if mlp is not None:
+                terms["mlp_out"] = ([(h("mlp_out"), 1)], "fires")
+            elif attn is not None:
+                terms["mlp_out"] = ([(h("resid_post"), 1), (h("resid_pre"), -1), (h("attn_out"), -1)],
+                                    "derived: resid_post - resid_pre - attn_out")
+            if attn is None or mlp is None:
+                for k in ("attn_out", "mlp_out"):
+                    if k not in terms:
+                        self.unavailable[h(k)] = f"hook_attn_out and hook_mlp_out never fire on this parallel block"
+            elif gap(pre + attn + mlp, post) > tol:
+                for k in ("attn_out", "mlp_out"):
+                    self.unavailable[h(k)] = (f"resid_pre + attn_out + mlp_out misses resid_post by "
+                                              f"{gap(pre + attn + mlp, post):.3g} (tolerance {tol:g})")
+                terms = {}
+        else:
+            terms = {}
+            if mid is not None:
+                terms["resid_mid"] = ([(h("resid_mid"), 1)], "fires")
+            elif attn is not None:
+                terms["resid_mid"] = ([(h("resid_pre"), 1), (h("attn_out"), 1)], "derived: resid_pre + attn_out")
+                mid = pre + attn
+            else:
+                self.unavailable[h("resid_mid")] = f"hook_resid_mid and hook_attn_out {not_fired(h('resid_mid'))}"
+            if mid is not None:
+                terms["attn_out"] = ([(h("attn_out"), 1)], "fires") if attn is not None else (
+                    [(h("resid_mid"), 1), (h("resid_pre"), -1)], "derived: resid_mid - resid_pre")
+                terms["mlp_out"] = ([(h("mlp_out"), 1)], "fires") if mlp is not None else (
+                    [(h("resid_post"), 1), (h("resid_mid"), -1)], "derived: resid_post - resid_mid")
+                a = attn if attn is not None else mid - pre
+                m = mlp if mlp is not None else post - mid
+                bad = [(what, g) for what, g in (("resid_pre + attn_out vs resid_mid", gap(pre + a, mid)),
+                                                  ("resid_mid + mlp_out vs resid_post", gap(mid + m, post))) if g > tol]
+                if bad:
+                    for k in ("attn_out", "mlp_out"):
+                        self.unavailable[h(k)] = "; ".join(f"{w} differ by {g:.3g}" for w, g in bad) + f" (tolerance {tol:g})"
+                        terms.pop(k, None)
+                attn, mlp = a, m
+        for k, (t, how) in terms.items():
+            put(h(k), t, how if not any(n in self._flat_names(val) for n, _ in t) else how + " (flattened; reshaped)")
+        for k in ("z", "v", "pattern", "q", "k", "scores"):
+            if val(h(k)) is not None:
+                put(h(k), [(h(k), 1)], "fires")
+            else:
+                self.unavailable[h(k)] = f"attn.hook_{k} {not_fired(h(k))}"
+        # ---- how the heads' outputs become hook_attn_out: plain, through a post-norm, scaled
+        post_a, post_m = self._post_norm(l, "ln1"), self._post_norm(l, "ln2")
+        spec = dict(layer=l, layout="parallel" if parallel else "sequential", attn_post_norm=post_a, mlp_post_norm=post_m)
+        z = val(h("z"))
+        if z is None or h("attn_out") not in self.sources:
+            return BlockSpec(**spec, heads_exact=False, heads_gap=float("inf"))
+        z = z.reshape(*z.shape[:2], self.n_heads, self.d_head)
+        o = torch.einsum("bphd,hdm->bpm", z, self.W_O(l).detach().double())
+        b_O = self.b_O(l)
+        if b_O is not None:
+            o = o + b_O.detach().double()
+        if post_a is not None:
+            with torch.no_grad():
+                o = post_a(o.to(self.dtype)).double()
+        scale = float((o * attn).sum() / (o * o).sum().clamp_min(1e-300))
+        if abs(scale - 1) <= tol:
+            scale = 1.0
+        g = gap(scale * o, attn)
+        return BlockSpec(**spec, residual_scale=scale, heads_exact=g <= tol, heads_gap=g)
+
+    @staticmethod
+    def _flat_names(val) -> set:
+        return set()
 
     def _check_readout(self) -> None:
         if not hasattr(self.model, "ln_final") or self.model.ln_final is None:
-            raise EmbedwalkError(
-                "this model has no final norm (model.ln_final); embedwalk's lenses read the residual "
-                "stream through final norm -> unembed, which this architecture does not use."
-            )
+            raise self.refuse(
+                "the readout", "this model has no final norm (model.ln_final); embedwalk's lenses read the "
+                "residual stream through final norm -> unembed, which this architecture does not use")
 
     _HOOKS = {
         "resid_pre": "blocks.{l}.hook_resid_pre",
@@ -141,8 +452,84 @@ class ModelAdapter:
             )
         return layer
 
+    def source(self, name: str) -> Source:
+        """Where the value of hook point ``name`` comes from on this model (see :class:`Source`).
+
+        Raises :class:`~embedwalk.errors.ArchitectureError` for a canonical hook this
+        architecture cannot provide exactly (e.g. ``resid_mid`` of a parallel block), and
+        :class:`~embedwalk.errors.EmbedwalkError` for a name that is no hook point at all.
+        """
+        src = self.sources.get(name)
+        if src is not None:
+            return src
+        if name in self.unavailable:
+            raise self.refuse(name, self.unavailable[name])
+        if name in self.model.hook_dict:
+            return Source(name, ((name, 1),))
+        raise EmbedwalkError(f"no such hook point on this model: {name!r}")
+
+    def require(self, kind: str, layer: int, what: str) -> str:
+        """The hook name of ``kind`` at ``layer``; an ArchitectureError naming ``what`` when
+        this architecture cannot provide it."""
+        name = self.hook(kind, layer)
+        if name not in self.sources and name in self.unavailable:
+            raise self.refuse(f"{what} (it needs {name})", self.unavailable[name])
+        return name
+
+    def taps(self, name: str, deliver) -> list:
+        """``[(real hook name, fn(value, ctx))]`` that together call ``deliver(value, ctx)``
+        once per forward pass with the value of hook ``name`` as ``[batch, pos, ...]``: the
+        hook itself, or its :class:`Source` terms (reshaped when flattened, summed when
+        derived). The one place that turns a canonical hook into what really fires."""
+        src = self.source(name)
+        if src.direct:
+            return [(src.terms[0][0], deliver)]
+        state: dict = {}
+        first = self._HOOKS["resid_pre"].format(l=0)
+        n_terms = len(src.terms)
+
+        def start(value, ctx):  # fires once per forward, before any block hook
+            state.clear()
+            state["bp"] = tuple(value.shape[:2])
+
+        def term(i, real, sign):
+            def fn(value, ctx):
+                if real in src.flat:
+                    value = value.reshape(*state["bp"], *value.shape[1:])
+                state[i] = value if sign == 1 else -value
+                if sum(1 for k in state if isinstance(k, int)) == n_terms:
+                    total = state[0]
+                    for k in range(1, n_terms):
+                        total = total + state[k]
+                    for k in range(n_terms):
+                        state.pop(k)
+                    deliver(total, ctx)
+            return fn
+
+        out = [(first, start)]
+        out += [(real, term(i, real, sign)) for i, (real, sign) in enumerate(src.terms)]
+        return out
+
+    @property
+    def parallel(self) -> bool:
+        """Whether any block is parallel (attention and MLP both read ``resid_pre``)."""
+        return any(b.layout == "parallel" for b in self.blocks)
+
     def readout_points(self, *, mid: bool = False) -> list[ReadoutPoint]:
-        """The embedding, then each block's output (and, with ``mid``, each block's midpoint)."""
+        """The embedding, then each block's output (and, with ``mid``, each block's midpoint).
+
+        Raises :class:`~embedwalk.errors.ArchitectureError` for ``mid`` on a model with
+        parallel blocks: they have no midpoint (both sublayers read ``resid_pre``).
+        """
+        if mid:
+            for b in self.blocks:
+                if b.layout == "parallel":
+                    raise self.refuse(
+                        "a mid readout (resid_mid)", "its blocks are parallel: attention and MLP both read "
+                        "resid_pre and their outputs are added together, so no midpoint exists",
+                        "Read the block outputs (mid=False), or use walk_lens, which splits a parallel "
+                        "block into its attention and MLP steps")
+                self.require("resid_mid", b.layer, "a mid readout")
         points = [ReadoutPoint(0, self.hook("resid_pre", 0), "embed")]
         for layer in range(self.n_layers):
             if mid:
@@ -205,7 +592,9 @@ class ModelAdapter:
 
     @property
     def W_pos(self) -> Optional[Float[Tensor, "n_ctx d_model"]]:
-        return self.model.W_pos if self.has_pos_embed else None
+        """The learned position table, when ``hook_pos_embed`` fires with its rows."""
+        src = self.sources.get("hook_pos_embed")
+        return self.model.W_pos if src is not None and src.direct else None
 
     def W_O(self, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
         return self.model.blocks[self.check_layer(layer)].attn.W_O
@@ -237,8 +626,35 @@ class ModelAdapter:
         flat = x.reshape(1, -1, shape[-1])  # TL norms expect [batch, pos, d_model]
         return self.model.ln_final(flat).reshape(shape)
 
-    def readout(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        """Logits of any residual vector: the model's final norm, then its own unembed module.
+    def output_transform(self, logits: Float[Tensor, "... d_vocab"]) -> Float[Tensor, "... d_vocab"]:
+        """The model's own post-unembedding transform (Gemma-2's soft-cap, Granite's
+        ``logits_scaling``, Cohere's ``logit_scale``): the bridge's architecture adapter's
+        ``apply_output_logits_transform``, or TL 3's ``output_logits_soft_cap``. Identity for
+        most models."""
+        if self.generation == "bridge":
+            fn = getattr(getattr(self.model, "adapter", None), "apply_output_logits_transform", None)
+            return fn(logits) if fn is not None else logits
+        cap = float(getattr(self.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    @property
+    def output_scale(self) -> Optional[float]:
+        """The factor of :meth:`output_transform` when it is ``logits * factor`` (1.0 for
+        none), None when it is not linear (a soft-cap)."""
+        if not hasattr(self, "_output_scale"):
+            y = torch.linspace(-50, 50, 101, dtype=torch.float64).to(self.device, self.dtype)[None]
+            t = self.output_transform(y).double()
+            yd = y.double()
+            k = float(t[0, -1] / yd[0, -1])
+            linear = float((t - k * yd).abs().max()) <= 1e-5 * (1 + float(t.abs().max()))
+            self._output_scale = (1.0 if abs(k - 1) < 1e-7 else k) if linear else None
+        return self._output_scale
+
+    def readout(self, x: Float[Tensor, "... d_model"], *, transform: bool = True) -> Float[Tensor, "... d_vocab"]:
+        """Logits of any residual vector: the model's final norm, then its own unembed module,
+        then its own output transform (:meth:`output_transform`; skipped with
+        ``transform=False``). The load-time self-check verified that this reproduces the
+        model's logits from its final ``resid_post``.
 
         The unembed module (not ``x @ W_U``) is called so the float32 arithmetic is the
         model's own: a re-implemented product differs from the model's logits by ~3e-5 on
@@ -253,6 +669,8 @@ class ModelAdapter:
         if pad:
             flat = torch.cat([flat, flat.new_zeros(pad, shape[-1])])
         logits = self.model.unembed(self.model.ln_final(flat[None]))[0]
+        if transform:
+            logits = self.output_transform(logits)
         return logits[:n].reshape(*shape[:-1], logits.shape[-1])
 
     # ------------------------------------------------------------------ tokens
@@ -308,7 +726,9 @@ class ModelAdapter:
         return [tok.decode([i]) for i in ids]
 
     def __repr__(self) -> str:
+        layouts = sorted({b.layout for b in self.blocks})
         return (
-            f"ModelAdapter({type(self.model).__name__}, layers={self.n_layers}, d_model={self.d_model}, "
-            f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, vocab={self.d_vocab})"
+            f"ModelAdapter({type(self.model).__name__}, {self.architecture}, layers={self.n_layers}, "
+            f"d_model={self.d_model}, heads={self.n_heads}, kv_heads={self.n_kv_heads}, vocab={self.d_vocab}, "
+            f"blocks={'/'.join(layouts)})"
         )

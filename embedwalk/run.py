@@ -112,9 +112,16 @@ def attached(
     for w in writers:
         for name in w.hook_points(adapter):
             at[name].append(("w", w))
+    for w in writers:
+        for name in w.hook_points(adapter):
+            if name in model.hook_dict and not adapter.source(name).direct:
+                raise adapter.refuse(f"writing to {name}", "that hook point does not fire as itself on this "
+                                     f"model ({adapter.source(name).how}), so an edit there would not reach the output")
     for r in readers:
         for name in r.hook_points(adapter):
-            at[name].append(("r", r))
+            # The adapter maps a canonical hook to what fires (reshaped or derived where exact).
+            for real, fn in adapter.taps(name, lambda value, ctx, r=r, name=name: r.read(name, value, ctx)):
+                at[real].append(("r", fn))
     unknown = [name for name in at if name not in model.hook_dict]
     if unknown:
         raise EmbedwalkError(f"no such hook point on this model: {unknown[:4]}")
@@ -139,7 +146,7 @@ def attached(
                         )
                     value = new
                 else:
-                    party.read(name, value, ctx)
+                    party(value, ctx)
             return value if value is not output else None
 
         return hook
