@@ -119,15 +119,58 @@ def _hooked(attn, mix: Mixer) -> Optional[Bypass]:
 
 
 # --------------------------------------------------------------------------- TL 4.x bridge
-def _bridge(attn, adapter: ModelAdapter, layer: int, mix: Mixer) -> Optional[Bypass]:
+def _bridge_layout(attn) -> Optional[str]:
+    """How a bridge attention class wires hook_in -> v ... o -> hook_out, or None if unknown.
+
+    "joint": the joint-QKV family (GPT-2; rotary NeoX, Phi-3, Falcon) fires
+    ``hook_hidden_states`` before ``hook_out``; "residual": BLOOM's also adds the block's
+    residual inside attention; "plain": rotary/ALiBi classes that reimplement attention
+    (Llama-like, MPT) and the delegating ``AttentionBridge`` (OPT, GPT-J, GPT-Neo, XGLM), whose
+    Hugging Face module computes ``out_proj(pattern @ v_proj(x))``.
+    """
+    from transformer_lens.model_bridge.generalized_components.alibi_joint_qkv_attention import (
+        ALiBiJointQKVAttentionBridge,
+    )
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+    from transformer_lens.model_bridge.generalized_components.bloom_attention import BloomAttentionBridge
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
+    from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
+        JointQKVPositionEmbeddingsAttentionBridge,
+    )
+    from transformer_lens.model_bridge.generalized_components.mpt_alibi_attention import MPTALiBiAttentionBridge
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
         PositionEmbeddingsAttentionBridge,
     )
 
+    layouts = {
+        JointQKVAttentionBridge: "joint",
+        JointQKVPositionEmbeddingsAttentionBridge: "joint",
+        BloomAttentionBridge: "residual",
+        PositionEmbeddingsAttentionBridge: "plain",
+        ALiBiJointQKVAttentionBridge: "plain",
+        MPTALiBiAttentionBridge: "plain",
+        AttentionBridge: "plain",
+    }
+    kind = type(attn)  # exact classes only: a subclass may compute something else
+    if kind not in layouts:
+        return None
+    if kind is AttentionBridge:
+        # Delegating bridge: only where the wrapped module projects values and output through
+        # the bridge's own v and o (so their hooks fire) and the pattern is not hooked inside.
+        hf = attn.original_component
+        if getattr(hf, "accepts_pattern_fn", False) or attn.requires_relative_position_bias or attn.is_cross_attention:
+            return None
+        if not (isinstance(attn._modules.get("v"), torch.nn.Module) and isinstance(attn._modules.get("o"), torch.nn.Module)):
+            return None
+    if getattr(attn, "_clip_qkv", None) is not None:
+        return None
+    return layouts[kind]
+
+
+def _bridge(attn, adapter: ModelAdapter, layer: int, mix: Mixer) -> Optional[Bypass]:
     cfg = attn.config
-    kind = type(attn)
-    if kind not in (JointQKVAttentionBridge, PositionEmbeddingsAttentionBridge):
+    layout = _bridge_layout(attn)
+    if layout is None or not getattr(attn, "is_causal", True):
         return None
     if any(getattr(cfg, flag, False) for flag in ("use_split_qkv_input", "use_attn_in", "use_attn_result", "gated_q_proj")):
         return None
@@ -136,7 +179,6 @@ def _bridge(attn, adapter: ModelAdapter, layer: int, mix: Mixer) -> Optional[Byp
         return None
     if getattr(hf, "key_multiplier", None) is not None or getattr(attn, "_reorder_and_upcast_attn", False):
         return None
-    joint = kind is JointQKVAttentionBridge
     n_kv = adapter.n_kv_heads
 
     def forward(*args, **kwargs):
@@ -146,11 +188,15 @@ def _bridge(attn, adapter: ModelAdapter, layer: int, mix: Mixer) -> Optional[Byp
         v = attn.v(hidden)  # fires hook_v
         z: Float[Tensor, "batch pos n_heads d_head"] = mix(_heads(v, n_kv)).to(v.dtype)
         out = attn.o(z.reshape(*z.shape[:2], -1))  # fires hook_z
-        if joint:
+        if layout == "residual":
+            residual = args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None
+            if residual is not None:
+                out = out + residual
+        if layout != "plain":
             out = attn.hook_hidden_states(out)
         return attn.hook_out(out), None
 
     fired = {attn.hook_in, attn.hook_out} | _hook_points(attn.v) | _hook_points(attn.o)
-    if joint:
+    if layout != "plain":
         fired.add(attn.hook_hidden_states)
     return Bypass(attn, forward, frozenset(_hook_points(attn) - fired))

@@ -133,10 +133,21 @@ def _hf_logprobs(hf, tokens, mask):
         return hf(tokens, **kwargs).logits.double().log_softmax(-1)
 
 
-def _model_logprobs(model, tokens, mask, writers=()):
+def _model_logprobs(model, tokens, mask, writers=(), readers=()):
     out = []
-    ew.run(model, tokens, attention_mask=mask, writers=list(writers), on_logits=lambda lg, ctx: out.append(lg))
+    ew.run(model, tokens, attention_mask=mask, writers=list(writers), readers=list(readers),
+           on_logits=lambda lg, ctx: out.append(lg))
     return torch.cat(out).double().log_softmax(-1)
+
+
+class _Watch(ew.Reader):
+    """Watches every layer's pattern: the fast swap must keep the hook route there."""
+
+    def hook_points(self, adapter):
+        return [adapter.hook("pattern", l) for l in range(adapter.n_layers)]
+
+    def read(self, name, value, ctx):
+        pass
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{m}" for f, m in CASES])
@@ -169,6 +180,16 @@ def test_swap_equals_independent_reference(case, unit):
         got = _model_logprobs(model, tokens, mask, [UniformSwap(targets, method=method)])
         err = float((got - want)[mask].abs().max())
         assert err < 1e-4, f"{family}/{mode} {method} {unit}: {err:.3g} off the reference (effect {effect:.3g})"
+    if unit == "all":
+        # The bypass served every layer, and the hook route (forced by a reader on the skipped
+        # path) gives the same logits: fast == hook route == independent reference.
+        swap = UniformSwap(targets)
+        _model_logprobs(model, tokens, mask, [swap])
+        assert swap.bypassed_layers(a) == set(range(a.n_layers)), f"{family}/{mode}: no bypass"
+        hooked_swap = UniformSwap(targets)
+        got = _model_logprobs(model, tokens, mask, [hooked_swap], [_Watch()])
+        assert hooked_swap.bypassed_layers(a) == frozenset()
+        assert float((got - want)[mask].abs().max()) < 1e-4
 
 
 def test_downstream_sees_the_real_effect(case):

@@ -176,3 +176,64 @@ def value_offset(adapter: ModelAdapter) -> Tensor:
             )
         rows.append(v[0, 0])
     return torch.stack(rows)
+
+
+_BYPASS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def bypass_exact(adapter: ModelAdapter) -> bool:
+    """Whether the bypass forwards of :mod:`embedwalk.mixing` reproduce the hook route on this
+    model: checked once per model (and compatibility mode) on ``[1, 8]`` probe ids, every
+    layer swapped to the running mean both ways, logits compared. Where it is not exact (or
+    no layer has a bypass), the fast swap keeps the hook route.
+    """
+    from embedwalk.mixing import mixing_forward
+
+    cached = _BYPASS.get(adapter.model)
+    if cached is not None and cached[0] == _mode(adapter):
+        return cached[1]
+    tokens = _probe_tokens(adapter)
+    ones = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+
+    def mix(v):
+        g = adapter.n_heads // adapter.n_kv_heads
+        mean = torch.cumsum(v.to(torch.float32), dim=1) / torch.arange(1, v.shape[1] + 1, device=v.device)[None, :, None, None]
+        return mean.repeat_interleave(g, dim=2)
+
+    layers = range(adapter.n_layers)
+    bypasses = [mixing_forward(adapter, layer, mix) for layer in layers]
+    exact = all(b is not None for b in bypasses)
+    if exact:
+        state: dict = {}
+
+        def on_v(layer):
+            def fn(out):
+                state[layer] = out
+            return fn
+
+        def on_z(layer):
+            def fn(out):
+                z = mix(_heads(state.pop(layer), adapter.n_kv_heads)).to(out.dtype)
+                return z.reshape(out.shape)
+            return fn
+
+        hooks = {}
+        for layer in layers:
+            hooks[adapter.hook("v", layer)] = on_v(layer)
+            hooks[adapter.hook("z", layer)] = on_z(layer)
+        with _probing(adapter, hooks):
+            via_hooks = adapter.model(tokens).to(torch.float32)
+        with _probing(adapter, {}):
+            try:
+                for b in bypasses:
+                    object.__setattr__(b.module, "forward", b.forward)
+                via_bypass = adapter.model(tokens).to(torch.float32)
+            finally:
+                for b in bypasses:
+                    b.module.__dict__.pop("forward", None)
+        with _probing(adapter, {}):
+            plain = adapter.model(tokens).to(torch.float32)
+        tol = (1e-4 if adapter.dtype == torch.float32 else 3e-2) * (1.0 + float(via_hooks.abs().max()))
+        exact = float((via_bypass - via_hooks).abs().max()) <= tol < float((plain - via_hooks).abs().max())
+    _BYPASS[adapter.model] = (_mode(adapter), exact)
+    return exact

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
-from embedwalk.association.probes import AttentionRoutes, attention_routes
+from embedwalk.association.probes import AttentionRoutes, attention_routes, bypass_exact
 from embedwalk.mixing import Bypass, mixing_forward
 from embedwalk.run import Context, Writer
 
@@ -226,7 +226,7 @@ class UniformSwap(Writer):
 
     def bypasses(self, adapter: ModelAdapter, *, watched, taken, ctx) -> list[Bypass]:
         out = []
-        if self.method == "fast":
+        if self.method == "fast" and bypass_exact(adapter):
             for layer, heads in self.heads(adapter).items():
                 if len(heads) != adapter.n_heads:
                     continue
