@@ -9,10 +9,15 @@ output projection, firing the model's hook points on the way (``hook_in``, ``hoo
 of the skipped path (``hook_q``, ``hook_k``, ``hook_rot_*``, ``hook_attn_scores``,
 ``hook_pattern``) do not fire; :attr:`Bypass.silent` lists them so a caller can fall back.
 
-Like :mod:`embedwalk.adapter`, this module knows the TransformerLens attention classes. It
-returns ``None`` for a class or configuration it cannot reproduce exactly (split q/k/v
-inputs, clipped or quantised projections, gated attention, bidirectional attention), and
-the caller falls back to hooks.
+Like :mod:`embedwalk.adapter`, this module knows the TransformerLens attention classes: TL 3
+``Attention`` and ``GroupedQueryAttention``; on the TL 4 bridge the joint-QKV classes (GPT-2,
+and with rotary NeoX, Phi-3, Falcon), BLOOM's (which adds the residual inside attention),
+the rotary and ALiBi classes (Llama-like, MPT) and the delegating ``AttentionBridge`` (OPT,
+GPT-J, GPT-Neo, XGLM). It returns ``None`` for a class or configuration it cannot reproduce
+exactly (subclasses it does not know, split q/k/v inputs, clipped or quantised projections,
+gated attention, bidirectional or cross attention), and the caller falls back to hooks;
+:func:`embedwalk.association.probes.bypass_exact` checks each model once that the bypass
+gives the hook route's logits.
 """
 
 from __future__ import annotations

@@ -279,3 +279,31 @@ def test_pattern_route_is_probed_not_listed():
             expected = not (family == "opt" and mode != "hooked")
             assert routes.pattern_reaches_z == (expected,) * a.n_layers, (family, mode, routes)
             assert all(routes.v_before_z) and all(routes.pattern_fires)
+
+
+@pytest.mark.skipif(ew.testing.installed_generation() != "bridge", reason="TL 3.9 has no MPT converter")
+def test_mpt_alibi_bypass():
+    """MPT (ALiBi, fused QKV; not in the matrix's families): fast (bypassed) and pattern swaps
+    equal the HF reference."""
+    import copy
+
+    import transformers
+
+    from embedwalk.models import wrap
+    from embedwalk.testing import tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.MptConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=128, vocab_size=200,
+                                    initializer_range=0.2, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    config.architectures = ["MptForCausalLM"]
+    hf = transformers.MptForCausalLM(config).eval()
+    model = wrap(copy.deepcopy(hf), tiny_tokenizer(), generation="bridge", name="tiny-mpt")
+    a = ew.adapt(model)
+    tokens, mask = _batch()
+    with _Reference(hf).swapped(_heads_of("all", a.n_layers, a.n_heads)):
+        want = _hf_logprobs(hf, tokens, mask)
+    assert float((want - _hf_logprobs(hf, tokens, mask))[mask].abs().max()) > 0.05
+    fast = UniformSwap()
+    for swap in (fast, UniformSwap(method="pattern")):
+        assert float((_model_logprobs(model, tokens, mask, [swap]) - want)[mask].abs().max()) < 1e-4
+    assert fast.bypassed_layers(a) == {0, 1}

@@ -1,25 +1,40 @@
 """Swap attention for uniform causal aggregation: writers that compose with every reader.
 
-Uniform causal aggregation: query ``i`` gives ``1/m`` to each of its ``m`` valid keys
-``j <= i`` (pad keys excluded, whichever side the padding is on). The ``exclude_self``
-variant averages the valid keys ``j < i``; the first real position has no earlier key, so it
-falls back to attending to itself (weight 1), which keeps every row a distribution.
+Uniform causal aggregation: query ``i`` gives ``1/m`` to each of the ``m`` keys its layer's
+own attention can reach: valid keys ``j <= i`` (pad keys excluded, whichever side the padding
+is on) and, on a layer with a sliding window ``w`` (Mistral, Gemma-2's sliding layers,
+GPT-Neo's local layers; :meth:`ModelAdapter.attention_window`), only ``i - j < w``.
+``keys="prefix"`` ignores the window and averages over every valid ``j <= i``. The
+``exclude_self`` variant averages the reachable keys ``j < i``; the first real position has
+no earlier key, so it falls back to attending to itself (weight 1), which keeps every row a
+distribution.
 
 Two ways to apply it, equal to 1e-5:
 
 - ``method="pattern"`` writes the pattern at ``blocks.{l}.attn.hook_pattern`` (after the
   softmax; never the pre-softmax scores, which TL 4 hooks after the causal mask, so editing
   them could leak the future). Readers at ``hook_pattern`` then see the written pattern.
+  Some TL 4 bridge classes run the Hugging Face module first and fire ``hook_pattern``
+  afterwards (OPT, GPT-Neo, GPT-J, XGLM), where an edit could never reach the output. Which
+  layers behave so is found once per model by a probe
+  (:func:`embedwalk.association.probes.attention_routes`), not by a list of class names;
+  there the written pattern is applied exactly as attention would, ``z = pattern @ v`` at
+  ``hook_z``, and the pattern seen at ``hook_pattern`` is overwritten in place with it.
 - ``method="fast"`` computes ``z`` as the masked running mean of the values (a cumulative
-  sum over valid keys divided by their count), expanded to the query heads for grouped-query
-  attention. A layer whose heads are all swapped runs a bypass forward
+  sum over reachable keys divided by their count), expanded to the query heads for
+  grouped-query attention. A layer whose heads are all swapped runs a bypass forward
   (:mod:`embedwalk.mixing`): values, running mean, output projection, and no queries, keys,
   rotary, scores or softmax at all, which makes the swapped model cheaper than the plain one.
-  ``hook_v``, ``hook_z`` and the attention output hooks still fire there. A layer with only
-  some heads swapped, or one where another reader or writer of the run attaches to a hook of
-  the skipped path (``hook_q``, ``hook_pattern``, ...), falls back to hooks: the model
-  computes its own pattern, readers at ``hook_pattern`` see it, and ``hook_z`` is overwritten
-  for the swapped heads.
+  ``hook_v``, ``hook_z`` and the attention output hooks still fire there. Each model is
+  checked once (:func:`embedwalk.association.probes.bypass_exact`) that the bypass gives the
+  hook route's logits; if not, the hook route serves it. A layer with only some heads
+  swapped, or one where another reader or writer of the run attaches to a hook of the
+  skipped path (``hook_q``, ``hook_pattern``, ...), falls back to hooks: the model computes
+  its own pattern, readers at ``hook_pattern`` see it, and ``hook_z`` is overwritten for the
+  swapped heads.
+
+An edit that cannot reach the output is an error, never a warning: ``hook_v`` or ``hook_z``
+that never fire, or ``hook_v`` firing after ``hook_z``, raise EmbedwalkError.
 """
 
 from __future__ import annotations
