@@ -83,21 +83,45 @@ def hf_readout(hf, h):
         return hf_transform(hf, hf.get_output_embeddings()(hf_final_norm(hf)(h))).log_softmax(-1)
 
 
+# The HF submodule of a sequential decoder layer whose input is resid_mid (the residual after
+# attention): the MLP's pre-norm, or the MLP itself where there is none (OLMo-2).
+_MID_INPUT = {"gpt2": "ln_2", "gpt_neo": "ln_2", "opt": "final_layer_norm", "xglm": "final_layer_norm",
+              "gemma2": "pre_feedforward_layernorm", "gemma3": "pre_feedforward_layernorm", "olmo2": "mlp"}
+
+
+def hf_layers(hf):
+    n = hf.config.num_hidden_layers
+    for mod in hf.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
+            return mod
+    raise AssertionError(f"no decoder layer list on {type(hf).__name__}")
+
+
 @functools.lru_cache(maxsize=None)
 def hf_run(family: str, prompt: int):
-    """HF states of one unpadded prompt: ``[resid_pre(0..L-1), final resid_post]`` [L+1, pos, d],
-    the log-probs [pos, vocab] and the attention patterns."""
-    hf = case(family, matrix_modes(family)[0]).hf
+    """HF quantities of one unpadded prompt: states ``[resid_pre(0..L-1), final resid_post]``
+    [L+1, pos, d], log-probs [pos, vocab], attention patterns, and ``mids`` (resid_mid of
+    each layer [L, pos, d], None for parallel blocks), read with hooks on the HF modules."""
+    c = case(family, matrix_modes(family)[0])
+    hf = c.hf
     ids = torch.tensor([PROMPTS[prompt]])
-    final = {}
-    handle = hf_final_norm(hf).register_forward_pre_hook(lambda m, a: final.__setitem__("x", a[0].detach()))
+    final, mids = {}, {}
+    handles = [hf_final_norm(hf).register_forward_pre_hook(lambda m, a: final.__setitem__("x", a[0].detach()))]
+    if not c.parallel:
+        name = _MID_INPUT.get(family, "post_attention_layernorm")
+        for l, layer in enumerate(hf_layers(hf)):
+            handles.append(getattr(layer, name).register_forward_pre_hook(
+                lambda m, a, l=l: mids.__setitem__(l, a[0].detach())))
     try:
         with torch.no_grad():
             out = hf(ids, output_hidden_states=True, output_attentions=True)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     states = torch.stack([h[0] for h in out.hidden_states[:-1]] + [final["x"][0]])
-    return states, out.logits[0].log_softmax(-1), out.attentions
+    # (OPT flattens [batch, pos] before that norm; batch is 1 here)
+    mid = torch.stack([mids[l].reshape(ids.shape[1], -1) for l in sorted(mids)]) if mids else None
+    return states, out.logits[0].log_softmax(-1), out.attentions, mid
 
 
 def padded(side: str):
@@ -125,7 +149,7 @@ def centred(x, c: Case):
 # ---------------------------------------------------------------------------- capabilities
 def check_nonvacuous(c: Case) -> float:
     """The comparisons below mean something: attention far from uniform, norms not at 1/0."""
-    _, _, att = hf_run(c.family, 0)
+    _, _, att, _ = hf_run(c.family, 0)
     n = att[0].shape[-1]
     causal = torch.tril(torch.ones(n, n))
     uniform = causal / causal.sum(-1, keepdim=True)
@@ -152,7 +176,7 @@ def _lens_gap(c: Case, mid: bool) -> float:
                 p, pos = int(r.prompt[row]), int(r.pos[row])
                 if pos + 1 >= len(PROMPTS[p]):
                     continue
-                states, _, _ = hf_run(c.family, p)
+                states, _, _, _ = hf_run(c.family, p)
                 ref = hf_readout(c.hf, states[idx, pos])[PROMPTS[p][pos + 1]]
                 gap = max(gap, abs(float(r.target_logprob[j, row]) - float(ref)))
     return gap
@@ -172,24 +196,22 @@ def check_final_readout(c: Case) -> float:
     gap = 0.0
     for row in range(len(r.prompt)):
         p = int(r.prompt[row])
-        _, lp, _ = hf_run(c.family, p)
+        _, lp, _, _ = hf_run(c.family, p)
         gap = max(gap, abs(float(r.top_probs[0, row, 0]) - float(lp[-1].exp().max())))
     return gap
 
 
 def check_mid(c: Case) -> float:
-    """Mid readouts = HF readout of resid_pre + attention output (from the walk, itself
-    checked against HF in check_walk)."""
-    from embedwalk import logit_lens, walk_lens
+    """Mid readouts = the HF readout of HF's own resid_mid (the input of its MLP side)."""
+    from embedwalk import logit_lens
 
     toks = torch.tensor([PROMPTS[0]])
     r = logit_lens(c.model, toks, mid=True, positions=[3], targets=PROMPTS[0][4], progress=False)
-    w = walk_lens(c.model, toks, positions=[3], progress=False)
+    _, _, _, mids = hf_run(c.family, 0)
     gap = 0.0
     for j, label in enumerate(r.labels):
         if label.endswith(".mid"):
-            k = w.labels.index(label)
-            ref = hf_readout(c.hf, w.states[0, k].to(c.hf.dtype))[PROMPTS[0][4]]
+            ref = hf_readout(c.hf, mids[int(label.split(".")[0]), 3])[PROMPTS[0][4]]
             gap = max(gap, abs(float(r.target_logprob[j, 0]) - float(ref)))
     return gap
 
@@ -204,10 +226,14 @@ def check_walk(c: Case) -> float:
     gap = 0.0
     for row in range(len(w.prompt)):
         p, pos = int(w.prompt[row]), int(w.pos[row])
-        states, _, _ = hf_run(c.family, p)
+        states, _, _, _ = hf_run(c.family, p)
         for l in range(states.shape[0]):
             k = 0 if l == 0 else 2 * l
             gap = max(gap, rel(centred(w.states[row, k], c), centred(states[l, pos], c)))
+        _, _, _, mids = hf_run(c.family, p)
+        if mids is not None:  # the aggregation step of each block = HF's own
+            for l in range(mids.shape[0]):
+                gap = max(gap, rel(centred(w.states[row, 2 * l + 1], c), centred(mids[l, pos], c)))
         ref = hf_readout(c.hf, states[-1, pos]).exp()
         gap = max(gap, abs(float(w.unembed_probs[row, -1, 0]) - float(ref.max())))
     gap = max(gap, float(w.rest_norm.max() / w.states.norm(dim=-1).max()))
@@ -220,13 +246,21 @@ def check_decompose(c: Case, stage: str, layer: int) -> float:
 
     toks = torch.tensor([PROMPTS[0]])
     r = decompose(c.model, toks, layer=layer, stage=stage, position=-2)
-    states, lp, _ = hf_run(c.family, 0)
+    states, lp, _, mids = hf_run(c.family, 0)
     gap = r.relative_error
     gap = max(gap, abs(r.dla_total - r.pre_transform_logit) / (1 + abs(r.pre_transform_logit)))
     L = states.shape[0] - 1
     idx = {"pre": layer, "post": layer + 1}.get(stage)
     if idx is not None and idx <= L:
         gap = max(gap, rel(centred(r.residual, c), centred(states[idx, -2], c)))
+    if stage == "mid":
+        gap = max(gap, rel(centred(r.residual, c), centred(mids[layer, -2], c)))
+    if mids is not None:
+        # each layer's heads (+ biases) are its real attention contribution: HF mid - HF pre
+        for l in range(layer + (0 if stage == "pre" else 1)):
+            idx_l = [i for i, k in enumerate(r.kinds) if r.part_layers[i] == l and k in ("head", "attn_bias", "attn_norm_bias")]
+            got = r.parts[idx_l].double().sum(0)
+            gap = max(gap, rel(centred(got, c), centred(mids[l, -2] - states[l, -2], c)))
     if stage == "post" and layer == L - 1:
         # the model's own logit, as a log-prob (compatibility mode shifts logits per position)
         own = hf_readout(c.hf, r.residual.to(c.hf.dtype))[r.token]
@@ -241,7 +275,7 @@ def check_decoding(c: Case) -> float:
     from embedwalk import decoding_walk
 
     d = decoding_walk(c.model, torch.tensor(PROMPTS[1]), max_new_tokens=2, stop_at_eos=False)
-    _, lp, _ = hf_run(c.family, 1)
+    _, lp, _, _ = hf_run(c.family, 1)
     gap = float(d.lens_kl[:, -1].abs().max())
     gap = max(gap, abs(float(d.logprob[0]) - float(lp[-1].max())))
     assert int(d.chosen[0]) == int(lp[-1].argmax())
@@ -257,11 +291,12 @@ def check_store(c: Case, tmp: str, mid: bool) -> float:
                               hooks=hooks, dtype="float32", progress=False)
     names = [store.resolve([h])[0] for h in hooks]
     got = store.get(slice(0, len(PROMPTS[0])), names).stack(names)  # [pos, hook, d]
-    states, _, _ = hf_run(c.family, 0)
+    states, _, _, _ = hf_run(c.family, 0)
     gap = rel(centred(got[:, 2], c), centred(states[1], c))
     gap = max(gap, rel(centred(states[0] + got[:, 0] + got[:, 1], c), centred(states[1], c)))
     if mid:
-        gap = max(gap, rel(centred(got[:, 3], c), centred(states[0] + got[:, 0], c)))
+        _, _, _, mids = hf_run(c.family, 0)
+        gap = max(gap, rel(centred(got[:, 3], c), centred(mids[0], c)))
     return gap
 
 
