@@ -67,7 +67,7 @@ class ReadoutPoint:
     """A named place on the residual stream: index 0 is the embedding, l+1 the output of block l."""
 
     index: int
-    hook: str
+    hook: Optional[str]  # None: a point computed from others (a parallel block's walk midpoint)
     label: str
 
 
@@ -489,13 +489,15 @@ class ModelAdapter:
         n_terms = len(src.terms)
 
         def start(value, ctx):  # fires once per forward, before any block hook
-            state.clear()
             state["bp"] = tuple(value.shape[:2])
 
         def term(i, real, sign):
             def fn(value, ctx):
                 if real in src.flat:
                     value = value.reshape(*state["bp"], *value.shape[1:])
+                if i in state:  # left over from a forward pass that raised part-way
+                    for k in range(n_terms):
+                        state.pop(k, None)
                 state[i] = value if sign == 1 else -value
                 if sum(1 for k in state if isinstance(k, int)) == n_terms:
                     total = state[0]

@@ -1,8 +1,13 @@
 """The decomposition lens: the residual at one (layer, position) as an exact sum of parts.
 
-Parts: the token embedding, the learned positional embedding (when the model has one), each
+Parts: the token embedding, the positional embedding (when the model adds one), each
 attention head's output ``z_h @ W_O[h]``, each attention output bias ``b_O``, each MLP's output
-(less its output bias) and that bias. Each head's output splits further into per-source
+(less its output bias) and that bias. Where a block normalises a sublayer's output before
+adding it (Gemma-2/3, OLMo-2) each head and ``b_O`` are read through that post-norm with its
+scale frozen at its actual value for the attention output at the decomposed position, so the
+parts are the heads' real contributions and add up exactly; a post-norm bias is a part of its
+own (``attn_norm_bias``), and a residual multiplier (Granite) scales every part of the block.
+MLPs with a post-norm or multiplier are one part (their bias cannot be split off exactly). Each head's output splits further into per-source
 contributions ``pattern[h, q, s] * v[s, kv(h)] @ W_O[h]``; ``v`` as hooked already carries
 ``b_V``, and because a pattern row sums to 1 the sources' shares of ``b_V`` add up to it.
 With grouped-query attention ``hook_v`` has ``n_kv_heads`` heads; query head ``h`` reads value
@@ -11,7 +16,10 @@ head ``h // (n_heads // n_kv_heads)``. No neuron-level decomposition is ever bui
 Direct logit attribution (DLA) reads each part through the final norm *with the norm's scale
 frozen at its actual value for the decomposed vector*: the norm is affine once its scale is
 fixed, so the parts' DLAs plus the norm's bias and the unembedding bias add up exactly to
-the logit of that vector (the model's own logit at the last layer).
+the logit of that vector (the model's own logit at the last layer). A linear output transform
+(Granite's ``logits_scaling``, Cohere's ``logit_scale``) scales every DLA; a soft-cap
+(Gemma-2) is not linear, so there the DLAs add up to the logit *before* the cap
+(``pre_transform_logit``), and ``logit`` is the capped one the model outputs.
 """
 
 from __future__ import annotations
@@ -39,15 +47,27 @@ def _nonzero(b: Optional[Tensor]) -> bool:
 
 
 def frozen_final_norm(adapter: ModelAdapter, x: Float[Tensor, "d_model"]):
-    """The final norm at ``x`` as an affine map ``y -> centre(y) * gain + bias``.
+    """The final norm at ``x`` as an affine map; see :func:`frozen_norm`."""
+    return frozen_norm(adapter.final_norm, x, adapter)
+
+
+def _module_norm(adapter: ModelAdapter, module):
+    def f(v):
+        return module(v.reshape(1, -1, v.shape[-1])).reshape(v.shape)
+    return f
+
+
+def frozen_norm(norm, x: Float[Tensor, "d_model"], adapter: ModelAdapter):
+    """The norm ``norm`` (a callable on ``[..., d_model]``) at ``x`` as an affine map
+    ``y -> centre(y) * gain + bias``.
 
     ``gain`` is the norm's weight divided by its scale *for x*, so ``centre(x) * gain + bias``
-    equals ``adapter.final_norm(x)``. The weight, bias and whether the norm centres are read off
+    equals ``norm(x)``. The weight, bias and whether the norm centres are read off
     the model's own module by probing it (LayerNorm, RMSNorm, Gemma-style offsets and
     compatibility-mode folding all look the same from here); the scale is the ratio the module
     itself applies to ``x``. Returns ``(centre: bool, gain, bias)`` in float64.
     """
-    f = lambda v: adapter.final_norm(v.to(adapter.device, adapter.dtype)).double()  # noqa: E731
+    f = lambda v: norm(v.to(adapter.device, adapter.dtype)).double()  # noqa: E731
     d = adapter.d_model
     zero = torch.zeros(d, dtype=torch.float64)
     bias = f(zero)
@@ -72,10 +92,11 @@ class DecompositionResult:
     """The residual at (``layer``, ``stage``, ``position``) as a sum of ``parts``.
 
     ``parts[i]`` has kind ``kinds[i]`` (``embed``, ``pos_embed``, ``head``, ``attn_bias``,
-    ``mlp``, ``mlp_bias``), ``part_layers[i]`` and ``part_heads[i]`` (-1 where not a head).
-    ``dla[i]`` is its direct logit attribution to ``token`` with the final norm's scale frozen
-    at its value for ``residual``; ``norm_bias_dla`` and ``unembed_bias_dla`` complete the sum
-    to ``logit``. ``source_parts[l, h, s]`` splits head ``h`` of layer ``l`` by source position.
+    ``attn_norm_bias``, ``mlp``, ``mlp_bias``), ``part_layers[i]`` and ``part_heads[i]`` (-1
+    where not a head). ``dla[i]`` is its direct logit attribution to ``token`` with the final
+    norm's scale frozen at its value for ``residual`` (times a linear output scale);
+    ``norm_bias_dla`` and ``unembed_bias_dla`` complete the sum to ``pre_transform_logit``,
+    which equals ``logit`` unless the model soft-caps its logits. ``source_parts[l, h, s]`` splits head ``h`` of layer ``l`` by source position.
     """
 
     tokens: Int[Tensor, "pos"]
@@ -94,6 +115,7 @@ class DecompositionResult:
     norm_bias_dla: float
     unembed_bias_dla: float
     logit: float
+    pre_transform_logit: float
     source_parts: Optional[Float[Tensor, "layer head src d_model"]] = None
     source_dla: Optional[Float[Tensor, "layer head src"]] = None
     head_layers: list[int] = field(default_factory=list)
@@ -109,6 +131,7 @@ class DecompositionResult:
 
     @property
     def dla_total(self) -> float:
+        """Sum of all DLAs: ``pre_transform_logit`` (= ``logit`` without a soft-cap)."""
         return float(self.dla.double().sum()) + self.norm_bias_dla + self.unembed_bias_dla
 
     def _name(self, i: int) -> str:
@@ -152,7 +175,7 @@ class DecompositionResult:
         out = []
         for l in layers:
             row = dict(layer=l)
-            for name, kinds in (("aggregation", ("head", "attn_bias")), ("filtering", ("mlp", "mlp_bias"))):
+            for name, kinds in (("aggregation", ("head", "attn_bias", "attn_norm_bias")), ("filtering", ("mlp", "mlp_bias"))):
                 idx = [i for i, k in enumerate(self.kinds) if self.part_layers[i] == l and k in kinds]
                 vec = self.parts[idx].double().sum(0) if idx else torch.zeros(self.parts.shape[1], dtype=torch.float64)
                 row[f"{name}_norm"] = float(vec.norm())
@@ -200,8 +223,8 @@ class DecompositionReader(Reader):
     """Reads, at one query position of a single prompt, only what the decomposition needs.
 
     Per layer: the query's pattern row and the values (folded into per-source contributions
-    as soon as the pattern arrives, then dropped), ``z`` at the query, and the attention and
-    MLP outputs at the query.
+    as soon as the pattern arrives, then dropped), ``z`` at the query, and the MLP output at
+    the query.
     """
 
     def __init__(self, layer: int, stage: str, position: int, by_source: bool = True):
@@ -218,7 +241,7 @@ class DecompositionReader(Reader):
         names = ["hook_embed"] + (["hook_pos_embed"] if adapter.has_pos_embed else [])
         names.append(adapter.hook(f"resid_{self.stage}", self.layer))
         for l in attn:
-            names += [adapter.hook("z", l), adapter.hook("attn_out", l)]
+            names.append(adapter.hook("z", l))
             if self.by_source:
                 names += [adapter.hook("v", l), adapter.hook("pattern", l)]
         names += [adapter.hook("mlp_out", l) for l in mlp]
@@ -265,6 +288,34 @@ def _bias(module, name: str) -> Optional[Tensor]:
     return b.detach().float().cpu() if isinstance(b, Tensor) else None
 
 
+@dataclass
+class _SublayerMap:
+    """``v -> centre(v) * gain + bias`` (the frozen post-norm), times the residual scale;
+    ``apply`` maps the linear part only, ``bias`` is the norm's own bias (or None)."""
+
+    centre: bool
+    gain: Optional[Tensor]
+    bias: Optional[Tensor]
+
+    def apply(self, v: Tensor) -> Tensor:
+        if self.gain is None:
+            return v
+        vd = v.double()
+        if self.centre:
+            vd = vd - vd.mean(-1, keepdim=True)
+        return (vd * self.gain).float()
+
+
+def _sublayer_map(a: ModelAdapter, post_norm, scale: float, output: Tensor) -> _SublayerMap:
+    if post_norm is None:
+        if scale == 1.0:
+            return _SublayerMap(False, None, None)
+        return _SublayerMap(False, torch.full((a.d_model,), scale, dtype=torch.float64), None)
+    centre, gain, nbias = frozen_norm(_module_norm(a, post_norm), output, a)
+    bias = (nbias * scale).float() if _nonzero(nbias) else None
+    return _SublayerMap(centre, gain * scale, bias)
+
+
 def decompose(
     model,
     inputs: Inputs,
@@ -283,13 +334,25 @@ def decompose(
     ``token`` (an id or a one-token string) is what the DLA is computed for; by default the
     model's own top prediction at that position. The DLA uses the final norm with its scale
     frozen at the actual value for the decomposed vector, so the parts' DLAs, plus the norm
-    bias and unembedding bias rows, sum to the logit that the final norm and unembedding give
-    that vector (at the last layer's ``post``: the model's own logit).
+    bias and unembedding bias rows, sum to the logit that the model's readout gives that
+    vector (at the last layer's ``post``: the model's own logit; before a soft-cap, see the
+    module docstring).
+
+    Raises :class:`~embedwalk.errors.ArchitectureError` for ``stage="mid"`` on a parallel
+    block (no ``resid_mid`` exists) and for blocks whose heads do not add up to their
+    attention output on this architecture.
     """
     a = adapt(model)
     if stage not in _STAGES:
         raise EmbedwalkError(f"stage must be one of {_STAGES}, got {stage!r}")
     layer = a.check_layer(layer)
+    a.require(f"resid_{stage}", layer, f"decompose at stage {stage!r}")
+    for l in range(layer + 1):
+        spec = a.blocks[l]
+        if not spec.heads_exact and (l < layer or stage != "pre"):
+            raise a.refuse(
+                f"decompose through block {l}", "its heads (sum_h z_h W_O[h] + b_O, through the block's "
+                f"post-norm and residual scale) miss hook_attn_out by {spec.heads_gap:.3g} on the probe")
     tokens, mask = tokenize(a, inputs, attention_mask, prepend_bos=prepend_bos)
     if tokens.shape[0] != 1:
         raise EmbedwalkError(
@@ -318,24 +381,31 @@ def decompose(
     add(got[("embed", -1)], "embed")
     if a.has_pos_embed:
         add(got[("pos_embed", -1)], "pos_embed")
+    # Per layer, a linear map from a raw attention vector to its share of hook_attn_out: the
+    # post-norm with its scale frozen at its value for this position's attention output,
+    # then the residual scale. Identity for plain blocks.
+    attn_maps = {}
     for l in range(layer + 1):
+        spec = a.blocks[l]
         if l in attn_layers:
             heads = got[("head", l)]
-            for h in range(a.n_heads):
-                add(heads[h], "head", l, h)
             b_O = a.b_O(l)
+            b_O = b_O.detach().float().cpu() if _nonzero(b_O) else None
+            m = _sublayer_map(a, spec.attn_post_norm, spec.residual_scale,
+                              heads.double().sum(0) + (b_O.double() if b_O is not None else 0))
+            attn_maps[l] = m
+            mapped = m.apply(heads)
+            for h in range(a.n_heads):
+                add(mapped[h], "head", l, h)
             if b_O is not None:
-                b_O = b_O.detach().float().cpu()
-            else:  # no b_O to read: whatever hook_attn_out adds beyond the heads stands in for it
-                b_O = got[("attn_out", l)] - heads.double().sum(0).float()
-                if float(b_O.norm()) <= 1e-6 * float(heads.norm()):
-                    b_O = None
-            if _nonzero(b_O):
-                add(b_O, "attn_bias", l)
+                add(m.apply(b_O), "attn_bias", l)
+            if m.bias is not None:
+                add(m.bias, "attn_norm_bias", l)
         if l in mlp_layers:
-            b_out = _bias(a.model.blocks[l].mlp, "b_out")
             mlp = got[("mlp_out", l)]
-            if _nonzero(b_out) and b_out.shape == mlp.shape:
+            b_out = _bias(a.model.blocks[l].mlp, "b_out")
+            plain = spec.mlp_post_norm is None and spec.residual_scale == 1.0
+            if plain and _nonzero(b_out) and b_out.shape == mlp.shape:
                 add(mlp - b_out, "mlp", l)
                 add(b_out, "mlp_bias", l)
             else:
@@ -345,17 +415,23 @@ def decompose(
 
     with torch.no_grad():
         centre, gain, nbias = frozen_final_norm(a, x)
-        w_u = a.W_U[:, token_id].detach().double().cpu()
+        # A linear output transform scales every logit alike; a soft-cap is not linear and is
+        # left out of the attributions (they add up to the logit before it).
+        k = a.output_scale if a.output_scale is not None else 1.0
+        w_u = a.W_U[:, token_id].detach().double().cpu() * k
         Pd = P.double()
         if centre:
             Pd = Pd - Pd.mean(-1, keepdim=True)
         dla = ((Pd * gain) @ w_u).float()
         b_U = a.b_U
-        ub = float(b_U[token_id]) if b_U is not None else 0.0
-        logit = float(a.readout(x.to(a.device, a.dtype))[token_id])
+        ub = float(b_U[token_id]) * k if b_U is not None else 0.0
+        xin = x.to(a.device, a.dtype)
+        logit = float(a.readout(xin)[token_id])
+        raw = float(a.readout(xin, transform=False)[token_id])
+        pre_logit = logit if a.output_scale is not None else raw
         src = src_dla = None
         if by_source and attn_layers:
-            src = torch.stack([got[("src", l)] for l in attn_layers])  # [layer, head, src, d]
+            src = torch.stack([attn_maps[l].apply(got[("src", l)]) for l in attn_layers])  # [layer, head, src, d]
             S = src.double()
             if centre:
                 S = S - S.mean(-1, keepdim=True)
@@ -364,5 +440,6 @@ def decompose(
         tokens=tokens[0], str_tokens=a.to_str_tokens(tokens[0]), layer=layer, stage=stage, position=position,
         token=token_id, token_str=a.to_str_tokens([token_id])[0], residual=x, parts=P, kinds=kinds,
         part_layers=pl, part_heads=ph, dla=dla, norm_bias_dla=float(nbias @ w_u), unembed_bias_dla=ub,
-        logit=logit, source_parts=src, source_dla=src_dla, head_layers=list(attn_layers),
+        logit=logit, pre_transform_logit=pre_logit, source_parts=src, source_dla=src_dla,
+        head_layers=list(attn_layers),
     )

@@ -4,6 +4,13 @@ At each block the residual at a position takes two steps: an *aggregation* step 
 output, data-dependent mixing across positions; ``resid_pre -> resid_mid``) and a *filtering*
 step (the MLP output, position-wise; ``resid_mid -> resid_post``). Anything else the block adds
 is reported as ``rest`` (zero, up to float error, for standard pre-norm blocks).
+
+A *parallel* block (GPT-NeoX/Pythia, GPT-J, Phi-1/2, Falcon, Cohere) runs attention and MLP
+side by side on the same ``resid_pre`` and adds both outputs. The walk keeps the same two
+steps there: the aggregation step is the attention output and the filtering step the MLP
+output, both computed from ``resid_pre``; its midpoint ``"l.mid"`` is ``resid_pre +
+attn_out``, a point on the walk that the model itself never holds (it has no
+``resid_mid``).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from embedwalk.adapter import ModelAdapter, adapt
+from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs
 from embedwalk.lenses.projection import directions, pca_2d, select_positions, short
@@ -242,14 +249,14 @@ class WalkReader(Reader):
     def start(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
         self.k = min(self.k, adapter.d_vocab)
-        self.points = adapter.readout_points(mid=True)
-        self._slot: dict[str, tuple[str, int]] = {p.hook: ("state", p.index) for p in self.points}
+        self.points = _walk_points(adapter)
+        self._slot: dict[str, tuple[str, int]] = {p.hook: ("state", p.index) for p in self.points if p.hook}
         for layer in range(adapter.n_layers):
             self._slot[adapter.hook("attn_out", layer)] = ("attn", layer)
             self._slot[adapter.hook("mlp_out", layer)] = ("mlp", layer)
 
     def hook_points(self, adapter: ModelAdapter) -> Sequence[str]:
-        names = [p.hook for p in adapter.readout_points(mid=True)]
+        names = [p.hook for p in _walk_points(adapter) if p.hook]
         for layer in range(adapter.n_layers):
             names += [adapter.hook("attn_out", layer), adapter.hook("mlp_out", layer)]
         return names
@@ -266,6 +273,10 @@ class WalkReader(Reader):
         cur = ctx.state.pop(id(self))
         a = self.adapter
         L = a.n_layers
+        for p in self.points:
+            if p.hook is None:  # a parallel block's midpoint: resid_pre + its attention output
+                layer = (p.index - 1) // 2
+                cur["state"][p.index] = cur["state"][p.index - 1] + cur["attn"][layer]
         states = torch.stack([cur["state"][i] for i in range(len(self.points))], 1)
         tokens = ctx.batch.tokens[cur["rows"].to(ctx.batch.tokens.device), cur["cols"].to(ctx.batch.tokens.device)].cpu()
         n, P, d = states.shape
@@ -299,6 +310,17 @@ class WalkReader(Reader):
         return res
 
 
+def _walk_points(adapter: ModelAdapter) -> list[ReadoutPoint]:
+    """The embedding, then per block its midpoint and output; a parallel block's midpoint has
+    no hook (``hook=None``: it is resid_pre + attn_out, see the module docstring)."""
+    points = [ReadoutPoint(0, adapter.hook("resid_pre", 0), "embed")]
+    for b in adapter.blocks:
+        mid = None if b.layout == "parallel" else adapter.require("resid_mid", b.layer, "walk_lens")
+        points.append(ReadoutPoint(len(points), mid, f"{b.layer}.mid"))
+        points.append(ReadoutPoint(len(points), adapter.hook("resid_post", b.layer), str(b.layer)))
+    return points
+
+
 def walk_lens(
     model,
     inputs: Inputs,
@@ -320,7 +342,9 @@ def walk_lens(
     embedding, and its ``nearest_k`` nearest tokens under the unembedding (the model's own final
     norm and unembed, as the logit lens reads it) and under the embedding matrix (cosine).
     Per block: the aggregation step (attention output), the filtering step (MLP output) and
-    the ``rest`` (the block's step minus both, ~0 for standard blocks).
+    the ``rest`` (the block's step minus both, ~0 for standard blocks). On parallel blocks
+    both steps start from ``resid_pre`` and the midpoint is ``resid_pre + attn_out`` (see the
+    module docstring).
     """
     (result,) = run(
         model, inputs, readers=[WalkReader(positions, nearest_k)], attention_mask=attention_mask,
