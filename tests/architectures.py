@@ -316,6 +316,12 @@ CAPABILITIES: dict[str, tuple[Callable, Callable[[Case], Optional[str]]]] = {
 }
 
 
+# The uniform swap and association columns (scope of tests/architectures_association.py).
+from architectures_association import ASSOCIATION  # noqa: E402
+
+CAPABILITIES.update(ASSOCIATION)
+
+
 def run_cell(family: str, mode: str, capability: str, tmp: str):
     """``("exact", gap)`` or ``("refused", message)``; raises AssertionError when the cell is
     neither exact nor refused as expected (a silently wrong number, or a wrong refusal)."""
