@@ -557,7 +557,8 @@ class ModelAdapter:
                 return None
             if kinds[layer] == "local":
                 return int(self.cfg.window_size)
-            raise EmbedwalkError(f"layer {layer} has attention type {kinds[layer]!r}, which embedwalk does not know")
+            raise self.refuse("the keys of attention layer {}".format(layer),
+                              f"its attention type {kinds[layer]!r} is neither 'global' nor 'local'")
         hf = getattr(self.model.blocks[layer].attn, "original_component", None)
         config = getattr(hf, "config", None) or getattr(getattr(self.model, "original_model", None), "config", None)
         kind = getattr(hf, "attention_type", None)  # GPT-Neo: "global" | "local"
@@ -569,9 +570,10 @@ class ModelAdapter:
                 return None
             if types[layer] == "sliding_attention":
                 return int(config.sliding_window)
-            raise EmbedwalkError(
-                f"layer {layer} of {type(hf).__name__} is a {types[layer]!r} layer; embedwalk knows only "
-                "full and sliding-window causal attention, so it cannot say which keys this layer reaches"
+            raise self.refuse(
+                f"the keys of attention layer {layer}",
+                f"it is a {types[layer]!r} layer of {type(hf).__name__}; embedwalk knows only full and "
+                "sliding-window causal attention, so it cannot say which keys this layer reaches",
             )
         window = getattr(config, "sliding_window", None)
         if window is None or getattr(config, "use_sliding_window", True) is False:

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from embedwalk.adapter import ModelAdapter
-from embedwalk.errors import EmbedwalkError
 
 __all__ = ["AttentionRoutes", "attention_routes", "value_offset"]
 
@@ -83,7 +82,7 @@ def attention_routes(adapter: ModelAdapter) -> AttentionRoutes:
 
     One forward on ``[1, 8]`` probe ids with every layer's pattern replaced by all weight on
     the first key: where the edit reaches ``z``, every query's ``z`` equals the first key's
-    value. Raises EmbedwalkError if ``hook_v`` or ``hook_z`` never fires.
+    value. Raises ArchitectureError if ``hook_v`` or ``hook_z`` never fires.
     """
     cached = _ROUTES.get(adapter.model)
     if cached is not None and cached[0] == _mode(adapter):
@@ -122,9 +121,9 @@ def attention_routes(adapter: ModelAdapter) -> AttentionRoutes:
     for layer in range(adapter.n_layers):
         for kind in ("v", "z"):
             if (kind, layer) not in seen:
-                raise EmbedwalkError(
-                    f"{adapter.hook(kind, layer)} never fired on {type(adapter.model).__name__}: the uniform "
-                    "swap reads the values and writes z there, so it cannot run on this model"
+                raise adapter.refuse(
+                    "the uniform swap", f"{adapter.hook(kind, layer)} never fired, and the swap reads the "
+                    "values and writes z there"
                 )
         pos = {kind: order.index((kind, layer)) for kind in ("v", "p", "z") if (kind, layer) in order}
         v = _heads(seen[("v", layer)], adapter.n_kv_heads).to(torch.float32)
@@ -167,12 +166,12 @@ def value_offset(adapter: ModelAdapter) -> Tensor:
     rows = []
     for layer in range(adapter.n_layers):
         if layer not in got:
-            raise EmbedwalkError(f"{adapter.hook('v', layer)} never fired; association_bias reads the values there")
+            raise adapter.refuse("association_bias", f"{adapter.hook('v', layer)} never fired; it reads the values there")
         v = got[layer]
         if float((v - v[:, :1]).abs().max()) > 1e-5 * (1.0 + float(v.abs().max())):
-            raise EmbedwalkError(
-                f"the values of layer {layer} depend on the position even with a zero block input, so "
-                "embedwalk cannot separate the value bias that TransformerLens weight processing moves"
+            raise adapter.refuse(
+                "association_bias", f"the values of layer {layer} depend on the position even with a zero "
+                "block input, so the value bias that TransformerLens weight processing moves cannot be separated"
             )
         rows.append(v[0, 0])
     return torch.stack(rows)

@@ -261,9 +261,9 @@ class UniformSwap(Writer):
         routes = attention_routes(adapter)
         for layer in self.heads(adapter):
             if not routes.v_before_z[layer]:
-                raise EmbedwalkError(
-                    f"{adapter.hook('v', layer)} fires after {adapter.hook('z', layer)} on this model, so the "
-                    "uniform swap cannot compute z from the values there"
+                raise adapter.refuse(
+                    "the uniform swap", f"{adapter.hook('v', layer)} fires after {adapter.hook('z', layer)}, so "
+                    "z cannot be computed from the values there"
                 )
         return routes
 
