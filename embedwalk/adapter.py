@@ -331,7 +331,8 @@ class ModelAdapter:
                 f"{self._where()}: block {l} is declared parallel (attention and MLP both read resid_pre) "
                 "yet fires hook_resid_mid; its configuration and structure disagree."
             )
-        why_mid = "this block is parallel: attention and MLP both read resid_pre, so no resid_mid exists"
+        why_mid = ("this block is parallel: attention and MLP both read resid_pre, so no resid_mid exists. "
+                   "Read resid_pre, resid_post, attn_out or mlp_out instead (resid_pre + attn_out is the walk's midpoint)")
         if parallel:
             self.unavailable[h("resid_mid")] = why_mid
             terms = {}

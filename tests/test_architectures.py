@@ -83,3 +83,16 @@ def test_parallel_mid_refusal_says_why():
     c = _first("neox")
     with pytest.raises(ArchitectureError, match="parallel"):
         adapt(c.model).readout_points(mid=True)
+
+
+def test_adapter_reprobes_when_the_mode_changes():
+    if GEN != "bridge":
+        pytest.skip("compatibility mode is a TL 4 bridge mode")
+    from embedwalk.testing import tiny_model
+
+    model = tiny_model("gpt2", GEN)
+    raw = adapt(model)
+    assert adapt(model) is raw and not raw.compat
+    model.enable_compatibility_mode()
+    compat = adapt(model)
+    assert compat is not raw and compat.compat and compat.readout_gap <= 2e-5

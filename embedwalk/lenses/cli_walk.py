@@ -60,7 +60,8 @@ def _decompose(args) -> int:
                     stage=args.stage, by_source=not args.no_sources)
     print(f"residual {res.layer}.{res.stage} at pos {res.position} ({res.str_tokens[res.position]!r}); "
           f"{len(res.kinds)} parts, relative reconstruction error {res.relative_error:.2e}")
-    print(f"logit of {res.token_str!r}: {res.logit:.4f}; sum of DLAs {res.dla_total:.4f} "
+    capped = "" if res.pre_transform_logit == res.logit else f" ({res.pre_transform_logit:.4f} before the output soft-cap)"
+    print(f"logit of {res.token_str!r}: {res.logit:.4f}{capped}; sum of DLAs {res.dla_total:.4f} "
           "(final norm's scale frozen at its value for this vector)\n")
     _print(res.top(args.top))
     print("\nper-layer aggregation (attention) vs filtering (MLP):")
