@@ -123,3 +123,26 @@ def test_smollm2_measurements(smollm2):
     row = sw.table[sw.table.layer == 29].iloc[0]
     assert abs(row.kl - one.kl) < 1e-4 and abs(row.delta_loss - one.delta_loss) < 1e-4
     assert (sw.table.kl > 0).all() and (sw.table.top1_agreement <= 1).all()
+
+
+def test_value_offset_is_the_value_bias_through_the_norm():
+    """c (what association_bias removes from z) = ln_1 bias through W_V plus b_V, from the HF
+    weights of a GPT-2 with random norm and linear biases; zero once TL has folded them."""
+    from embedwalk.association.probes import value_offset
+    from embedwalk.testing import matrix_case, matrix_modes, tiny_model
+
+    mode = matrix_modes("gpt2")[0]
+    model, hf = matrix_case("gpt2", mode)
+    a = ew.adapt(model)
+    got = value_offset(a)
+    d = a.d_model
+    for layer, block in enumerate(hf.transformer.h):
+        w, b = block.attn.c_attn.weight.double(), block.attn.c_attn.bias.double()  # Conv1D: [d, 3d]
+        want = block.ln_1.bias.double() @ w[:, 2 * d:] + b[2 * d:]
+        assert torch.allclose(got[layer].double().reshape(-1), want, atol=1e-5)
+        assert want.abs().max() > 0.1
+    if mode == "bridge":
+        processed = matrix_case("gpt2", "compat")[0]
+    else:
+        processed = tiny_model("gpt2", "hooked", stress=True, processed=True)
+    assert value_offset(ew.adapt(processed)).abs().max() < 1e-5
