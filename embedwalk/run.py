@@ -11,6 +11,13 @@ installed where any reader, writer or user hook watches a hook point it would si
 Hooks are registered as plain torch forward hooks on the model's ``HookPoint`` modules; hooks
 and bypasses are always removed afterwards, also when a reader raises; the model's train/eval
 mode is restored and no gradient is recorded through the model.
+
+Every requested hook point must fire. Hook points TransformerLens only runs behind a config
+flag (``hook_result``, ``hook_attn_in``, ``hook_q/k/v_input``, ``hook_mlp_in``) are refused up
+front, naming the ``set_use_*`` call that turns them on (the rule of TransformerLens's own
+``add_hook``). After the first batch, ``run`` raises naming every requested hook point that did
+not fire, so neither a reader that sees nothing nor a writer whose edit never happens passes
+silently. A point a writer's own bypass silences counts as served: the bypass makes the edit.
 """
 
 from __future__ import annotations
@@ -28,7 +35,26 @@ from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Batch, Inputs, batches
 from embedwalk.mixing import Bypass
 
-__all__ = ["Reader", "Writer", "Context", "run", "attached"]
+__all__ = ["Reader", "Writer", "Context", "run", "attached", "gated_hook_flag"]
+
+# (suffix of the hook name, cfg flag that makes TransformerLens run it): TransformerLens 3's
+# HookedTransformer.check_hooks_to_add and TransformerLens 4's TransformerBridge._gated_hook_reason
+# apply the same rules; both models have a ``set_<flag>(True)`` method.
+_GATED = (
+    (("attn.hook_result",), "use_attn_result"),
+    (("hook_q_input", "hook_k_input", "hook_v_input"), "use_split_qkv_input"),
+    (("mlp_in",), "use_hook_mlp_in"),
+    (("attn_in",), "use_attn_in"),
+)
+
+
+def gated_hook_flag(model, name: str) -> Optional[str]:
+    """The config flag that is off and keeps ``model`` from running hook point ``name``, or None."""
+    cfg = getattr(model, "cfg", None)
+    for suffixes, flag in _GATED:
+        if name.endswith(suffixes) and not getattr(cfg, flag, False):
+            return flag
+    return None
 
 
 @dataclass
@@ -97,6 +123,25 @@ class Writer:
         raise NotImplementedError
 
 
+class Fired:
+    """Which requested hook points fired; ``check()`` raises naming those that did not."""
+
+    def __init__(self, expected: dict[str, list[str]]):
+        self.expected = expected  # hook name -> who asked for it
+        self.names: set = set()
+
+    def check(self) -> None:
+        missing = [n for n in self.expected if n not in self.names]
+        if missing:
+            who = "; ".join(f"{n} (for {', '.join(self.expected[n])})" for n in missing[:8])
+            raise EmbedwalkError(
+                f"{len(missing)} requested hook point(s) never fired during the forward pass: {who}. "
+                "A reader there saw nothing and a writer there edited nothing. This model does not "
+                "run them (a hook point of another architecture, or one TransformerLens gates behind a "
+                "cfg flag); choose hook points that fire, e.g. from adapter.hook(kind, layer)"
+            )
+
+
 @contextmanager
 def attached(
     adapter: ModelAdapter,
@@ -105,9 +150,8 @@ def attached(
     ctx_ref: list,
 ):
     """Install the writers' bypasses and one hook per hook point for every reader and writer;
-    undo both on exit."""
+    undo both on exit. Yields a :class:`Fired` record of the hook points that fired."""
     model = adapter.model
-    bypassed = _plan_bypasses(adapter, readers, writers, ctx_ref)
     at: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     for w in writers:
         for name in w.hook_points(adapter):
@@ -115,6 +159,17 @@ def attached(
     for r in readers:
         for name in r.hook_points(adapter):
             at[name].append(("r", r))
+    gated = [(name, gated_hook_flag(model, name)) for name in at]
+    gated = [(name, flag) for name, flag in gated if flag]
+    if gated:
+        flags = sorted({flag for _, flag in gated})
+        raise EmbedwalkError(
+            f"hook point(s) {[n for n, _ in gated][:4]} only run when TransformerLens's "
+            f"{' / '.join('cfg.' + f for f in flags)} is on, and it is off: they would never fire "
+            f"(a writer there would change nothing). Call {'; '.join(f'model.set_{f}(True)' for f in flags)} "
+            "before running (it costs memory and time), or attach to another hook point"
+        )
+    bypassed = _plan_bypasses(adapter, readers, writers, ctx_ref)
     unknown = [name for name in at if name not in model.hook_dict]
     if unknown:
         raise EmbedwalkError(f"no such hook point on this model: {unknown[:4]}")
@@ -124,8 +179,18 @@ def attached(
             "those modules itself to read residual vectors"
         )
 
+    # A writer's own bypass may silence its hook points (it makes the edit itself); every other
+    # requested point must fire. _plan_bypasses guarantees no bypass silences another party's.
+    silenced = set().union(*(b.silent for b in bypassed)) if bypassed else set()
+    fired = Fired({
+        name: list(dict.fromkeys(type(p).__name__ for _, p in parties))
+        for name, parties in at.items()
+        if model.hook_dict[name] not in silenced
+    })
+
     def make_hook(name: str, parties: list):
         def hook(module, inputs, output):
+            fired.names.add(name)
             ctx = ctx_ref[0]
             value = output
             for kind, party in parties:
@@ -154,7 +219,7 @@ def attached(
             object.__setattr__(b.module, "forward", b.forward)
         for name, parties in at.items():
             handles.append(model.hook_dict[name].register_forward_hook(make_hook(name, parties)))
-        yield
+        yield fired
     finally:
         for h in handles:
             h.remove()
@@ -217,6 +282,10 @@ def run(
 
     Returns the readers' results in the order given. ``on_logits`` sees the model's own
     output logits of each batch (e.g. to compute a loss) without keeping them.
+
+    Raises :class:`EmbedwalkError` before running for a hook point TransformerLens gates behind
+    a cfg flag that is off (naming ``model.set_<flag>(True)``), and after the first batch for
+    any requested hook point that did not fire.
     """
     adapter = adapt(model)
     readers, writers = list(readers), list(writers)
@@ -232,8 +301,8 @@ def run(
     ctx_ref: list = [None]
     try:
         adapter.model.eval()
-        with torch.no_grad(), attached(adapter, readers, writers, ctx_ref):
-            for batch in batches(
+        with torch.no_grad(), attached(adapter, readers, writers, ctx_ref) as fired:
+            for i, batch in enumerate(batches(
                 adapter,
                 inputs,
                 attention_mask,
@@ -241,7 +310,7 @@ def run(
                 prepend_bos=prepend_bos,
                 padding_side=padding_side,
                 progress=progress,
-            ):
+            )):
                 batch = batch.to(adapter.device)
                 ctx = Context(adapter, batch)
                 ctx_ref[0] = ctx
@@ -249,6 +318,8 @@ def run(
                 if on_logits is not None:
                     on_logits(logits, ctx)
                 del logits
+                if i == 0:
+                    fired.check()
                 for r in readers:
                     r.end_batch(ctx)
     finally:

@@ -425,7 +425,8 @@ def cache_activations(
     n_tokens, t0 = 0, time.perf_counter()
     try:
         adapter.model.eval()
-        with torch.no_grad(), attached(adapter, parties, [], ctx_ref):
+        with torch.no_grad(), attached(adapter, parties, [], ctx_ref) as fired:
+            first = True
             while True:
                 chunk = [next(items, None) for _ in range(batch_size)]
                 chunk = [c for c in chunk if c is not None]
@@ -447,6 +448,9 @@ def cache_activations(
                 ctx = Context(adapter, batch)
                 ctx_ref[0] = ctx
                 forward(adapter, batch)
+                if first:
+                    fired.check()
+                    first = False
                 for r in parties:
                     r.end_batch(ctx)
                 n_tokens += int(batch.mask.sum())
