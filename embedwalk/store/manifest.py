@@ -149,17 +149,40 @@ def write_shard(path: Path, tensors: dict, metadata: dict) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+RECOVER = (
+    "The store is damaged: check every shard with open_store(path, verify=True), delete the damaged shard and "
+    "every later one, and rerun the same cache_activations call (or `embedwalk cache` command) into the same "
+    "directory; it rewrites them byte-identically"
+)
+
+
+def damaged(path: Path, what: str) -> EmbedwalkError:
+    """The error for an unreadable shard: names it and says how to recover."""
+    return EmbedwalkError(f"shard {path} {what}. {RECOVER}")
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """The safetensors header of ``path`` and the byte offset where tensor data starts."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise EmbedwalkError(f"shard {path} is truncated (no header); delete it and rerun the cache command to rewrite it")
-        (n,) = struct.unpack("<Q", head)
-        raw = f.read(n)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise damaged(path, "is truncated (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000:
+                raise damaged(path, f"has a damaged header (it claims {n} header bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise damaged(path, f"cannot be read ({e})") from e
     if len(raw) < n:
-        raise EmbedwalkError(f"shard {path} is truncated (header cut short); delete it and rerun the cache command")
-    return json.loads(raw), 8 + n
+        raise damaged(path, "is truncated (header cut short)")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(path, f"has a damaged header (not valid JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise damaged(path, "has a damaged header (not a JSON object)")
+    return header, 8 + n
 
 
 def file_sha256(path: Path) -> str:
@@ -177,10 +200,15 @@ def map_shard(path: Path) -> tuple[dict, dict]:
     mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file never touched
     out = {}
     for name, info in header.items():
-        s, e = info["data_offsets"]
-        if start + e > mm.shape[0]:
-            raise EmbedwalkError(f"shard {path} is truncated ({mm.shape[0]} bytes, tensor {name} needs {start + e})")
-        arr = mm[start + s : start + e].view(_NP_VIEW[info["dtype"]]).reshape(info["shape"])
+        try:
+            s, e = info["data_offsets"]
+            if start + e > mm.shape[0]:
+                raise damaged(path, f"is truncated ({mm.shape[0]} bytes, tensor {name} needs {start + e})")
+            arr = mm[start + s : start + e].view(_NP_VIEW[info["dtype"]]).reshape(info["shape"])
+        except EmbedwalkError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise damaged(path, f"has a damaged header entry for tensor {name!r} ({type(err).__name__}: {err})") from err
         t = torch.from_numpy(arr)
         out[name] = t.view(_TORCH[info["dtype"]]) if info["dtype"] == "BF16" else t
     return out, meta
