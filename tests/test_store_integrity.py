@@ -90,6 +90,8 @@ def test_a_complete_store_is_not_returned_for_other_data(gpt2, tmp_path):
     kw = dict(layers=[1], positions="last", progress=False)
     first = cache_activations(gpt2, ["w2 w3", "w4 w5", "w6 w7"], out, **kw)
     assert len(first) == 3
+    # the stored vectors' meaning depends on the residual basis: the configuration records it
+    assert first.manifest["config"]["model"]["residual_basis"]["processed"] is False
     with pytest.raises(EmbedwalkError, match=r"shard-00000.safetensors.*differ from the data given now"):
         cache_activations(gpt2, ["w8 w9", "w10 w11", "w12 w13", "w14 w15"], out, **kw)
     with pytest.raises(EmbedwalkError, match=r"complete store of 3 prompts.*more.*new out directory"):

@@ -104,6 +104,10 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 
 def model_identity(adapter) -> dict:
+    """What the stored vectors' meaning depends on: the model (its unembedding's SHA-256) and
+    the residual basis its hook points live in (raw or processed weights)."""
+    from embedwalk.basis import residual_basis
+
     cfg = adapter.cfg
     return {
         "name": str(getattr(cfg, "model_name", None) or type(adapter.model).__name__),
@@ -114,6 +118,7 @@ def model_identity(adapter) -> dict:
         "d_vocab": adapter.d_vocab,
         "model_dtype": str(adapter.dtype).replace("torch.", ""),
         "W_U_sha256": tensor_sha256(adapter.W_U.float()),
+        "residual_basis": residual_basis(adapter),
     }
 
 
