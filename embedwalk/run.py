@@ -22,6 +22,7 @@ silently. A point a writer's own bypass silences counts as served: the bypass ma
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -129,6 +130,9 @@ class Fired:
     def __init__(self, expected: dict[str, list[str]]):
         self.expected = expected  # hook name -> who asked for it
         self.names: set = set()
+        self.track_edits = False  # while True: record which writers changed which values
+        self.edited: dict[str, set] = {}
+        self.bypassed_by: dict[int, int] = {}  # id(writer) -> forwards it replaced
 
     def check(self) -> None:
         missing = [n for n in self.expected if n not in self.names]
@@ -169,7 +173,7 @@ def attached(
             f"(a writer there would change nothing). Call {'; '.join(f'model.set_{f}(True)' for f in flags)} "
             "before running (it costs memory and time), or attach to another hook point"
         )
-    bypassed = _plan_bypasses(adapter, readers, writers, ctx_ref)
+    bypassed, owners = _plan_bypasses(adapter, readers, writers, ctx_ref)
     unknown = [name for name in at if name not in model.hook_dict]
     if unknown:
         raise EmbedwalkError(f"no such hook point on this model: {unknown[:4]}")
@@ -187,6 +191,7 @@ def attached(
         for name, parties in at.items()
         if model.hook_dict[name] not in silenced
     })
+    fired.bypassed_by = owners
 
     def make_hook(name: str, parties: list):
         def hook(module, inputs, output):
@@ -202,6 +207,8 @@ def attached(
                             f"{getattr(new, 'shape', type(new).__name__)} at {name}; expected a "
                             f"tensor of shape {tuple(value.shape)}"
                         )
+                    if fired.track_edits and new is not value and not torch.equal(new, value):
+                        fired.edited.setdefault(type(party).__name__, set()).add(name)
                     value = new
                 else:
                     party.read(name, value, ctx)
@@ -233,7 +240,7 @@ def attached(
 _UNSET = object()
 
 
-def _plan_bypasses(adapter: ModelAdapter, readers, writers, ctx_ref: list) -> list[Bypass]:
+def _plan_bypasses(adapter: ModelAdapter, readers, writers, ctx_ref: list) -> tuple[list[Bypass], dict]:
     hook_dict = adapter.model.hook_dict
     points = {
         id(p): frozenset(hook_dict[n] for n in p.hook_points(adapter) if n in hook_dict)
@@ -243,6 +250,7 @@ def _plan_bypasses(adapter: ModelAdapter, readers, writers, ctx_ref: list) -> li
     # too: a bypass must not silence them behind the user's back.
     user = frozenset(hp for hp in set(hook_dict.values()) if hp._forward_hooks or hp._forward_pre_hooks)
     out: list[Bypass] = []
+    owners: dict[int, int] = {}  # id(writer) -> how many forwards it replaced
     for w in writers:
         watched = user.union(*(points[id(p)] for p in (*readers, *writers) if p is not w))
         taken = frozenset(b.module for b in out)
@@ -253,7 +261,20 @@ def _plan_bypasses(adapter: ModelAdapter, readers, writers, ctx_ref: list) -> li
                     "taken or watched; a bypass must respect the watched and taken sets it is given"
                 )
             out.append(b)
-    return out
+            owners[id(w)] = owners.get(id(w), 0) + 1
+    return out, owners
+
+
+def _check_edits_landed(fired: Fired, bypassing: list, clean: Tensor, edited: Tensor) -> None:
+    editors = sorted(set(fired.edited) | set(bypassing))
+    if editors and torch.equal(clean, edited):
+        where = "; ".join(f"{w} at {sorted(fired.edited.get(w, ['its bypassed attention']))[:4]}" for w in editors)
+        raise EmbedwalkError(
+            f"the writers' edits did not reach the output: {where} changed values, but the first batch's logits "
+            "are bitwise those of the unedited model. The model does not use the edited values downstream "
+            "(or the edit only touched entries that are discarded, such as masked attention scores); edit "
+            "another hook point"
+        )
 
 
 def forward(adapter: ModelAdapter, batch: Batch) -> Tensor:
@@ -277,6 +298,7 @@ def run(
     padding_side: Optional[str] = None,
     progress: Optional[bool] = None,
     on_logits: Optional[Callable[[Tensor, Context], None]] = None,
+    check_edits: bool = False,
 ) -> list[Any]:
     """Run ``model`` over ``inputs`` once, feeding every reader and applying every writer.
 
@@ -286,6 +308,13 @@ def run(
     Raises :class:`EmbedwalkError` before running for a hook point TransformerLens gates behind
     a cfg flag that is off (naming ``model.set_<flag>(True)``), and after the first batch for
     any requested hook point that did not fire.
+
+    ``check_edits=True`` also proves the writers' edits reach the output: the first batch runs
+    once more without readers and writers, and if a writer changed a hooked value (or replaced
+    an attention forward) but the logits are bitwise those of the unedited pass, ``run``
+    raises naming the writers. It costs one extra forward pass of the first batch, so it is
+    off by default; an edit that legitimately changes nothing (e.g. of attention scores the
+    causal mask already removed) is reported too.
     """
     adapter = adapt(model)
     readers, writers = list(readers), list(writers)
@@ -301,25 +330,38 @@ def run(
     ctx_ref: list = [None]
     try:
         adapter.model.eval()
+        stream = batches(
+            adapter,
+            inputs,
+            attention_mask,
+            batch_size=batch_size,
+            prepend_bos=prepend_bos,
+            padding_side=padding_side,
+            progress=progress,
+        )
+        clean = None
+        if check_edits and writers:
+            first = next(stream, None)
+            stream = itertools.chain([first] if first is not None else [], stream)
+            if first is not None:
+                with torch.no_grad():
+                    clean = forward(adapter, first.to(adapter.device))
         with torch.no_grad(), attached(adapter, readers, writers, ctx_ref) as fired:
-            for i, batch in enumerate(batches(
-                adapter,
-                inputs,
-                attention_mask,
-                batch_size=batch_size,
-                prepend_bos=prepend_bos,
-                padding_side=padding_side,
-                progress=progress,
-            )):
+            fired.track_edits = clean is not None
+            bypassing = [type(w).__name__ for w in writers if fired.bypassed_by.get(id(w))]
+            for i, batch in enumerate(stream):
                 batch = batch.to(adapter.device)
                 ctx = Context(adapter, batch)
                 ctx_ref[0] = ctx
                 logits = forward(adapter, batch)
                 if on_logits is not None:
                     on_logits(logits, ctx)
-                del logits
                 if i == 0:
                     fired.check()
+                    if clean is not None:
+                        _check_edits_landed(fired, bypassing, clean, logits)
+                        fired.track_edits, clean = False, None
+                del logits
                 for r in readers:
                     r.end_batch(ctx)
     finally:

@@ -87,3 +87,27 @@ def test_a_requested_hook_point_that_never_fires_is_named():
     with pytest.raises(EmbedwalkError, match=r"never fired.*hook_pos_embed \(for ZeroAt\)"):
         ew.run(llama, TEXTS, writers=[ZeroAt("hook_pos_embed")])
     assert sum(len(hp._forward_hooks) for hp in llama.hook_dict.values()) == 0
+
+
+class UnmaskScores(Writer):
+    """Rewrites the causally masked attention scores: values change, the output cannot."""
+
+    def hook_points(self, adapter):
+        return [adapter.hook("scores", 0)]
+
+    def write(self, name, value, ctx):
+        return torch.where(value < -1e20, torch.full_like(value, -1e30), value)
+
+
+def test_check_edits_proves_an_edit_reached_the_logits(tiny_arch):
+    a = ew.adapt(tiny_arch)
+    plain, edited = Logits(), Logits()
+    ew.run(tiny_arch, TEXTS, on_logits=plain)
+    ew.run(tiny_arch, TEXTS, writers=[ZeroAt(a.hook("attn_out", 0))], check_edits=True, on_logits=edited)
+    assert not torch.equal(plain.out[0], edited.out[0])
+    with pytest.raises(EmbedwalkError, match=r"did not reach the output: UnmaskScores at \['blocks\.0\.attn\.hook_attn_scores'\]"):
+        ew.run(tiny_arch, TEXTS, writers=[UnmaskScores()], check_edits=True)
+    ew.run(tiny_arch, TEXTS, writers=[UnmaskScores()])  # not asked: no extra pass, no check
+    swap = ew.UniformSwap("all")  # edits by replacing attention forwards (bypasses): they land
+    ew.run(tiny_arch, TEXTS, writers=[swap], check_edits=True)
+    assert swap.bypassed_layers(tiny_arch)
