@@ -135,3 +135,20 @@ def test_a_damaged_shard_header_names_the_shard_and_the_repair(gpt2, tmp_path):
         list(store.prompts())
     with pytest.raises(EmbedwalkError, match=r"shard-00001.safetensors is damaged"):
         cache_activations(gpt2, TEXTS, out, **KW)
+
+
+def test_function_identity_follows_code_closures_and_globals():
+    import functools
+
+    from embedwalk.store.identity import Unidentifiable, function_identity
+
+    def pad_pick(tokens, mask, k=2):
+        return torch.nn.functional.pad(mask, (0, 0))[:, ::k]
+
+    ident = function_identity(pad_pick)  # library calls are named, not walked
+    assert ident == function_identity(pad_pick)
+    assert function_identity(functools.partial(pad_pick, k=3)) != function_identity(functools.partial(pad_pick, k=2))
+    assert function_identity(EVEN) != function_identity(EVERY)
+    obj = object()
+    with pytest.raises(Unidentifiable, match="closure variable 'obj'"):
+        function_identity(lambda tokens, mask: mask if obj else mask)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
+import sysconfig
 import types
 from typing import Any
 
@@ -60,6 +62,12 @@ def _feed(h, x: Any, active: set, where: str) -> None:
             h.update(repr(part).encode())
         _feed(h, x.co_consts, active, f"{where} constants")
         h.update(b")")
+    elif isinstance(x, (types.FunctionType, type)) and _is_library(x):
+        # Installed libraries and the standard library are named with their version, not
+        # hashed: their code is not the user's rule and hashing it would walk whole packages.
+        top = (x.__module__ or "").split(".")[0]
+        version = getattr(sys.modules.get(top), "__version__", "")
+        h.update(f"library:{x.__module__}.{x.__qualname__}@{version};".encode())
     elif isinstance(x, types.FunctionType):
         if id(x) in active:
             h.update(f"recursive:{x.__qualname__};".encode())
@@ -108,6 +116,15 @@ def _feed(h, x: Any, active: set, where: str) -> None:
         h.update(f"{type(x).__name__}:{x};".encode())
     else:
         raise Unidentifiable(f"{where} is a {type(x).__module__}.{type(x).__qualname__}, whose content embedwalk cannot hash")
+
+
+def _is_library(x) -> bool:
+    mod = sys.modules.get((getattr(x, "__module__", None) or "").split(".")[0])
+    path = str(getattr(mod, "__file__", None) or "")
+    if not path:
+        return getattr(x, "__module__", "") == "builtins"
+    stdlib = sysconfig.get_paths()["stdlib"]
+    return "site-packages" in path or "dist-packages" in path or path.startswith(stdlib)
 
 
 def _global_names(code: types.CodeType) -> set:
