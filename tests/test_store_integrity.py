@@ -152,3 +152,15 @@ def test_function_identity_follows_code_closures_and_globals():
     obj = object()
     with pytest.raises(Unidentifiable, match="closure variable 'obj'"):
         function_identity(lambda tokens, mask: mask if obj else mask)
+
+
+def test_a_damaged_manifest_is_named(gpt2, tmp_path):
+    out = tmp_path / "s"
+    cache_activations(gpt2, TEXTS[:4], out, **KW)
+    manifest = out / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-40])
+    with pytest.raises(EmbedwalkError, match=r"manifest.json is not valid JSON.*new directory"):
+        open_store(out)
+    manifest.write_text(json.dumps({"format": "embedwalk-activation-store", "format_version": 1}))
+    with pytest.raises(EmbedwalkError, match=r"manifest.json lacks \['config', 'shards'.*damaged"):
+        cache_activations(gpt2, TEXTS[:4], out, **KW)

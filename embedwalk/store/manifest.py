@@ -86,8 +86,16 @@ def read_manifest(directory: Path) -> Optional[dict]:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise EmbedwalkError(f"{path} is not valid JSON ({e}); the store is damaged") from e
-    if manifest.get("format") != FORMAT:
+        raise EmbedwalkError(
+            f"{path} is not valid JSON ({e}); the store's manifest is damaged, and without it the shards cannot be "
+            "checked. Rerun the cache command into a new directory"
+        ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise EmbedwalkError(f"{path} cannot be read ({e}); rerun the cache command into a new directory") from e
+    missing = [k for k in ("config", "shards", "hooks", "d_model", "dtype", "complete") if not isinstance(manifest, dict) or k not in manifest]
+    if missing and isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        raise EmbedwalkError(f"{path} lacks {missing}; the store's manifest is damaged. Rerun the cache command into a new directory")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EmbedwalkError(f"{path} is not an embedwalk activation-store manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise EmbedwalkError(f"{path} was written by a newer embedwalk (format {manifest['format_version']}); upgrade embedwalk")
