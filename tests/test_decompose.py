@@ -132,3 +132,37 @@ def test_smollm2_decomposition(smollm2):
     # GQA: 9 query heads read 3 value heads; sources still add up to each head
     heads = [i for i, k in enumerate(res.kinds) if k == "head"]
     assert torch.allclose(res.source_parts.sum(2).reshape(-1, a.d_model), res.parts[heads], atol=1e-4)
+
+
+def test_bfloat16_accumulates_in_float32_and_reports_the_gap():
+    """16-bit: the parts and DLAs are float32/float64, checked against a float64 recomputation
+    from the same bfloat16 weights; what the model's own rounding leaves is reported, and the
+    dataframe's DLA column (with its ``rounding`` row) sums to the logit."""
+    hf = tiny_hf("gpt2", seed=3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial norm weights and biases, as in ``biased``
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    hf = hf.to(torch.bfloat16)
+    model = wrap(hf, tiny_tokenizer(), generation=GEN, device="cpu")
+    res = decompose(model, TEXT, by_source=False)
+    assert res.dtype == "bfloat16" and res.parts.dtype == torch.float32 and res.dla.dtype == torch.float32
+    x, P = res.residual.double(), res.parts.double()
+    gap = float((P.sum(0) - x).norm() / x.norm())
+    assert res.residual_gap == pytest.approx(gap, rel=1e-9) and res.relative_error == pytest.approx(gap, rel=1e-9)
+    assert 1e-5 < res.residual_gap < 2e-2  # bfloat16's own rounding: far above float32's, well below 1
+    assert res.logit_gap == pytest.approx(res.logit - res.dla_total, abs=1e-12)
+    df = res.to_dataframe()
+    assert df[df.kind == "rounding"].dla.item() == pytest.approx(res.logit_gap)
+    assert abs(df.dla.sum() - res.logit) < 1e-6
+    # independent: LayerNorm with its scale frozen at x, in float64, from the HF module's weights
+    ln, W_U = hf.transformer.ln_f, hf.lm_head.weight.detach().double()
+    w, b = ln.weight.detach().double(), ln.bias.detach().double()
+    gain = w / ((x - x.mean()).pow(2).mean() + ln.eps).sqrt()
+    want = ((P - P.mean(-1, keepdim=True)) * gain) @ W_U[res.token]
+    # a TL 4 bridge's norm runs in float32 on float32 input, so the frozen norm is float32-exact;
+    # TL 3 norms round to the model dtype inside, which the probe cannot undo
+    tol = 1e-5 if GEN == "bridge" else 1e-2
+    assert (res.dla.double() - want).abs().max() <= tol * want.abs().max()
+    assert abs(res.norm_bias_dla - float(b @ W_U[res.token])) <= tol * abs(float(b @ W_U[res.token])) + 1e-6

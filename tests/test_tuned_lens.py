@@ -124,3 +124,63 @@ def test_sample_text_is_real_prose():
     assert len(words) > 2500
     common = sum(w.lower().strip(".,") in {"the", "and", "of", "a", "to", "in"} for w in words)
     assert common / len(words) > 0.12  # English function-word rate; word salad has ~none
+
+
+def _processed(kind):
+    """The same tiny model with TransformerLens weight processing (centred residual, folded norms)."""
+    model = make_tiny(kind)
+    if GENERATION == "bridge":
+        model.enable_compatibility_mode()
+    else:
+        model.process_weights_()
+    return model
+
+
+def _their_checkpoint(path, a, g):
+    state = {}
+    for i in range(a.n_layers):
+        state[f"{i}.weight"] = 0.05 * torch.randn(a.d_model, a.d_model, generator=g)
+        state[f"{i}.bias"] = 0.05 * torch.randn(a.d_model, generator=g)
+    torch.save(state, path / "params.pt")
+    (path / "config.json").write_text(json.dumps({
+        "base_model_name_or_path": "tiny", "d_model": a.d_model, "num_hidden_layers": a.n_layers,
+        "bias": True, "unembed_hash": None, "lens_type": "linear_tuned_lens",
+    }))
+    return state
+
+
+def test_a_lens_fitted_on_the_raw_model_is_refused_in_a_processed_basis(tmp_path):
+    """Raw-fitted checkpoints (the tuned-lens project's and embedwalk's) match on the raw model,
+    where the lens reproduces a float64 recomputation from the HF model's own hidden states, and
+    are refused on the same model with processed weights (no exact conversion exists: centring
+    drops the residual's mean)."""
+    from embedwalk.testing import tiny_hf
+
+    raw = make_tiny("gpt2")
+    a = ew.adapt(raw)
+    state = _their_checkpoint(tmp_path, a, torch.Generator().manual_seed(3))
+    lens = TunedLens.load(tmp_path, raw)
+    assert lens.basis == {"processed": False, "folded_norms": False, "centred_residual": False, "centred_unembed": False}
+    text = "w5 w9 w13 w17 w21"
+    res = logit_lens(raw, text, translator=lens)
+    hf = tiny_hf("gpt2").double()  # the same weights (seed 0), read by Hugging Face itself
+    ids = res.token[None]  # the tokens the lens read, one prompt, every position
+    with torch.no_grad():
+        out = hf(ids, output_hidden_states=True)
+        h1 = out.hidden_states[1][0]
+        moved = h1 + h1 @ state["1.weight"].double().T + state["1.bias"].double()
+        lp = hf.lm_head(hf.transformer.ln_f(moved)).log_softmax(-1)
+    final = out.logits[0].log_softmax(-1)
+    kl = (final.exp() * (final - lp)).sum(-1)
+    assert torch.allclose(res.kl_to_final[1].double(), kl, atol=1e-5)
+
+    processed = _processed("gpt2")
+    with pytest.raises(EmbedwalkError, match=r"fitted on the Hugging Face model's own hidden states.*centred residual.*without enable_compatibility_mode"):
+        TunedLens.load(tmp_path, processed)
+    with pytest.raises(EmbedwalkError, match=r"another residual basis.*raw.*processed weights \(folded norms, centred residual"):
+        logit_lens(processed, text, translator=lens)
+    lens.save(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["basis"] == lens.basis
+    with pytest.raises(EmbedwalkError, match=r"another residual basis"):
+        TunedLens.load(tmp_path / "ours", processed)
+    assert torch.equal(logit_lens(raw, text, translator=TunedLens.load(tmp_path / "ours", raw)).kl_to_final, res.kl_to_final)

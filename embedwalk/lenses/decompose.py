@@ -20,6 +20,14 @@ the logit of that vector (the model's own logit at the last layer). A linear out
 (Granite's ``logits_scaling``, Cohere's ``logit_scale``) scales every DLA; a soft-cap
 (Gemma-2) is not linear, so there the DLAs add up to the logit *before* the cap
 (``pre_transform_logit``), and ``logit`` is the capped one the model outputs.
+
+"Exact" means: in float32/float64 models the parts sum to the residual and the DLAs to the
+logit up to float32 rounding of the parts (relative 1e-6 .. 1e-5). In bfloat16/float16 models
+the parts are still formed and summed in float32 or better (float64 sums), but the model
+itself rounds its residual stream to 16 bits after every block and its logit to 16 bits, so
+the parts sum to the stored residual only to the model's own rounding (about 2^-8 relative
+per addition for bfloat16). The result reports what is left: ``residual_gap`` (relative) and
+``logit_gap`` (the logit minus the sum of DLAs, a ``rounding`` row of the dataframe).
 """
 
 from __future__ import annotations
@@ -67,7 +75,10 @@ def frozen_norm(norm, x: Float[Tensor, "d_model"], adapter: ModelAdapter):
     compatibility-mode folding all look the same from here); the scale is the ratio the module
     itself applies to ``x``. Returns ``(centre: bool, gain, bias)`` in float64.
     """
-    f = lambda v: norm(v.to(adapter.device, adapter.dtype)).double()  # noqa: E731
+    # 16-bit models: probe in float32, so that modules computing in the input's dtype (TL 4
+    # bridges) give the norm's weight unrounded; TL 3 norms round to the model dtype themselves.
+    wide = torch.float32 if adapter.dtype in (torch.bfloat16, torch.float16) else adapter.dtype
+    f = lambda v: norm(v.to(adapter.device, wide)).double()  # noqa: E731
     d = adapter.d_model
     zero = torch.zeros(d, dtype=torch.float64)
     bias = f(zero)
@@ -96,7 +107,10 @@ class DecompositionResult:
     where not a head). ``dla[i]`` is its direct logit attribution to ``token`` with the final
     norm's scale frozen at its value for ``residual`` (times a linear output scale);
     ``norm_bias_dla`` and ``unembed_bias_dla`` complete the sum to ``pre_transform_logit``,
-    which equals ``logit`` unless the model soft-caps its logits. ``source_parts[l, h, s]`` splits head ``h`` of layer ``l`` by source position.
+    which equals ``logit`` (up to ``logit_gap``) unless the model soft-caps its logits. ``source_parts[l, h, s]`` splits head ``h`` of layer ``l`` by source position.
+    ``residual_gap`` = |residual - sum of parts| / |residual| and ``logit_gap`` = logit - sum of
+    DLAs: the model's own rounding, about 1e-6 in float32 and 1e-3 in bfloat16 (see the module
+    docstring for what "exact" means per dtype).
     """
 
     tokens: Int[Tensor, "pos"]
@@ -119,6 +133,9 @@ class DecompositionResult:
     source_parts: Optional[Float[Tensor, "layer head src d_model"]] = None
     source_dla: Optional[Float[Tensor, "layer head src"]] = None
     head_layers: list[int] = field(default_factory=list)
+    residual_gap: float = 0.0
+    logit_gap: float = 0.0
+    dtype: str = "float32"
 
     @property
     def reconstruction(self) -> Float[Tensor, "d_model"]:
@@ -143,7 +160,9 @@ class DecompositionResult:
 
         With ``by_source`` the head rows are replaced by their per-source-position rows, so in
         either form ``dla`` sums to ``logit``; the final-norm and unembedding biases are rows of
-        their own (kinds ``norm_bias`` and ``unembed_bias``, norm NaN).
+        their own (kinds ``norm_bias`` and ``unembed_bias``, norm NaN), and so is what the
+        model's own rounding leaves (kind ``rounding``: ``dla`` = ``logit_gap``, ``norm`` =
+        |residual - sum of parts|).
         """
         import pandas as pd
 
@@ -165,6 +184,8 @@ class DecompositionResult:
                              norm=float(norms[i]), dla=float(self.dla[i])))
         rows.append(dict(kind="norm_bias", layer=-1, head=-1, source_pos=-1, source_token="", norm=nan, dla=self.norm_bias_dla))
         rows.append(dict(kind="unembed_bias", layer=-1, head=-1, source_pos=-1, source_token="", norm=nan, dla=self.unembed_bias_dla))
+        rows.append(dict(kind="rounding", layer=-1, head=-1, source_pos=-1, source_token="",
+                         norm=self.residual_gap * float(self.residual.double().norm()), dla=self.logit_gap))
         return pd.DataFrame(rows)
 
     def layer_totals(self):
@@ -410,8 +431,8 @@ def decompose(
                 add(b_out, "mlp_bias", l)
             else:
                 add(mlp, "mlp", l)
-    P = torch.stack(parts)
-    x = got[("resid", layer)]
+    P = torch.stack(parts).detach()
+    x = got[("resid", layer)].detach()
 
     with torch.no_grad():
         centre, gain, nbias = frozen_final_norm(a, x)
@@ -436,7 +457,10 @@ def decompose(
             if centre:
                 S = S - S.mean(-1, keepdim=True)
             src_dla = ((S * gain) @ w_u).float()
+    dla_total = float(dla.double().sum()) + float(nbias @ w_u) + ub
+    gap = float((P.double().sum(0) - x.double()).norm() / x.double().norm().clamp_min(1e-30))
     return DecompositionResult(
+        residual_gap=gap, logit_gap=pre_logit - dla_total, dtype=str(a.dtype).replace("torch.", ""),
         tokens=tokens[0], str_tokens=a.to_str_tokens(tokens[0]), layer=layer, stage=stage, position=position,
         token=token_id, token_str=a.to_str_tokens([token_id])[0], residual=x, parts=P, kinds=kinds,
         part_layers=pl, part_heads=ph, dla=dla, norm_bias_dla=float(nbias @ w_u), unembed_bias_dla=ub,

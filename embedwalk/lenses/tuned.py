@@ -11,9 +11,13 @@ only (``torch.autograd.grad``, so the model's own parameters never receive ``.gr
 Peak extra memory is about ``step_tokens * d_vocab * 4`` bytes times a few temporaries.
 
 Files: ``tuned_lens.safetensors`` + ``config.json`` holding a SHA-256 of the unembedding
-(``W_U`` and ``b_U``): a lens refuses a model whose unembedding differs (another model, or
-the same model in compatibility mode, whose folded weights differ). The tuned-lens
-project's ``params.pt`` + ``config.json`` also load (:meth:`TunedLens.from_tuned_lens`).
+(``W_U`` and ``b_U``) and the residual basis the lens was fitted in
+(:func:`embedwalk.basis.residual_basis`: raw, or processed with folded norms / centred
+residual / centred unembedding). A lens refuses a model in another basis (the same model in
+compatibility mode: centring drops the residual's mean, so no exact conversion exists) or
+with another unembedding (another model). The tuned-lens project's ``params.pt`` +
+``config.json`` also load (:meth:`TunedLens.from_tuned_lens`); they are fitted on the Hugging
+Face model's own hidden states, the raw basis, and are refused on a processed model.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
+from embedwalk.basis import RAW, describe, residual_basis
 from embedwalk.errors import EmbedwalkError
 from embedwalk.run import Context, Reader, run
 
@@ -58,8 +63,9 @@ class TunedLens(torch.nn.Module):
     into :func:`embedwalk.logit_lens` as ``translator=``.
     """
 
-    def __init__(self, labels: Sequence[str], d_model: int, unembed_hash: str, *, model_name: str = "", meta: Optional[dict] = None):
+    def __init__(self, labels: Sequence[str], d_model: int, unembed_hash: str, *, model_name: str = "", meta: Optional[dict] = None, basis: Optional[dict] = None):
         super().__init__()
+        self.basis = dict(basis) if basis is not None else None  # None: a file from before bases were recorded
         self.labels = list(labels)
         self.index = {lab: i for i, lab in enumerate(self.labels)}
         self.d_model = int(d_model)
@@ -79,7 +85,7 @@ class TunedLens(torch.nn.Module):
 
             final = adapter.readout_points(mid=mid)[-1]
             points = [p for p in _select_points(adapter.readout_points(mid=mid), layers) if p != final]
-        lens = cls([p.label for p in points], adapter.d_model, unembedding_hash(adapter), model_name=_model_name(adapter))
+        lens = cls([p.label for p in points], adapter.d_model, unembedding_hash(adapter), model_name=_model_name(adapter), basis=residual_basis(adapter))
         return lens.to(adapter.device)
 
     # -- use
@@ -93,13 +99,25 @@ class TunedLens(torch.nn.Module):
         return (x + x @ W.T + b).to(h.dtype)
 
     def check_model(self, model) -> None:
-        """Raise unless ``model`` has the unembedding (and width) this lens was trained for."""
+        """Raise unless ``model`` has the width, residual basis and unembedding this lens was trained for."""
         adapter = adapt(model)
         if adapter.d_model != self.d_model:
             raise EmbedwalkError(
                 f"this tuned lens is for d_model={self.d_model} but the model has d_model={adapter.d_model}; "
                 f"it was trained for {self.model_name or 'another model'} - train one for this model with train_tuned_lens"
             )
+        if self.basis is not None:
+            now = residual_basis(adapter)
+            if now != self.basis:
+                raise EmbedwalkError(
+                    f"this tuned lens was fitted in another residual basis: {describe(self.basis)}, but the model's "
+                    f"residual stream is {describe(now)}. TransformerLens weight processing (a bridge's compatibility "
+                    "mode, HookedTransformer.from_pretrained's defaults) centres the residual stream and folds norms; "
+                    "the centred residual has lost its mean, so no exact conversion of the lens exists. Use the model "
+                    "the lens was fitted on (e.g. the bridge without enable_compatibility_mode(), or "
+                    "HookedTransformer.from_pretrained_no_processing), or train a lens for this one: "
+                    "train_tuned_lens(model, texts)"
+                )
         if self.unembed_hash and unembedding_hash(adapter) != self.unembed_hash:
             raise EmbedwalkError(
                 f"this tuned lens was trained for a model with a different unembedding ({self.model_name or 'unknown'}; "
@@ -123,6 +141,7 @@ class TunedLens(torch.nn.Module):
         config = {
             "format": FORMAT, "labels": self.labels, "d_model": self.d_model,
             "unembed_hash": self.unembed_hash, "model_name": self.model_name, "meta": self.meta,
+            "basis": self.basis,
         }
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         return path
@@ -143,7 +162,7 @@ class TunedLens(torch.nn.Module):
         config = json.loads((path / CONFIG_FILE).read_text())
         if config.get("format") != FORMAT:
             raise EmbedwalkError(f"{path / CONFIG_FILE} is not an embedwalk tuned lens (format {config.get('format')!r})")
-        lens = cls(config["labels"], config["d_model"], config["unembed_hash"], model_name=config.get("model_name", ""), meta=config.get("meta"))
+        lens = cls(config["labels"], config["d_model"], config["unembed_hash"], model_name=config.get("model_name", ""), meta=config.get("meta"), basis=config.get("basis"))
         tensors = load_file(str(path / WEIGHTS_FILE))
         with torch.no_grad():
             for i in range(len(lens.labels)):
@@ -161,9 +180,20 @@ class TunedLens(torch.nn.Module):
         Their translator ``i`` is an ``nn.Linear`` applied residually to Hugging Face's
         ``hidden_states[i]`` (``i = 0`` the embedding, ``i`` the input of block ``i``), which
         is embedwalk's readout ``i`` on a raw (not compatibility-mode) model. Their unembed
-        hash is computed differently, so only the sizes are checked here.
+        hash is computed differently, so the sizes and the residual basis are checked here: a
+        model with processed weights (compatibility mode, folded norms, centred residual) is
+        refused, since the checkpoint was fitted on the raw hidden states.
         """
         adapter = adapt(model)
+        basis = residual_basis(adapter)
+        if basis != RAW:
+            raise EmbedwalkError(
+                f"a tuned-lens checkpoint is fitted on the Hugging Face model's own hidden states (the raw residual "
+                f"basis), but this model's residual stream is {describe(basis)}; read out here it would give wrong "
+                "log-probs without an error. Load it into the raw model: the TransformerBridge without "
+                "enable_compatibility_mode(), or HookedTransformer.from_pretrained_no_processing (embedwalk.load_model "
+                "gives raw models), or train a lens for this model with train_tuned_lens(model, texts)"
+            )
         path = Path(path)
         config = json.loads((path / CONFIG_FILE).read_text())
         d_model, n = int(config.get("d_model", -1)), int(config.get("num_hidden_layers", -1))
@@ -176,7 +206,7 @@ class TunedLens(torch.nn.Module):
         state = torch.load(path / "params.pt", map_location="cpu", weights_only=True)
         state = {k.removeprefix("layer_translators."): v for k, v in state.items() if not k.startswith("unembed.")}
         labels = [p.label for p in adapter.readout_points()[:n]]
-        lens = cls(labels, d_model, unembedding_hash(adapter), model_name=str(config.get("base_model_name_or_path", "")), meta={"source": "tuned-lens"})
+        lens = cls(labels, d_model, unembedding_hash(adapter), model_name=str(config.get("base_model_name_or_path", "")), meta={"source": "tuned-lens"}, basis=RAW)
         with torch.no_grad():
             for i in range(n):
                 if f"{i}.weight" not in state:

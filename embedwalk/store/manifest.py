@@ -86,8 +86,16 @@ def read_manifest(directory: Path) -> Optional[dict]:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise EmbedwalkError(f"{path} is not valid JSON ({e}); the store is damaged") from e
-    if manifest.get("format") != FORMAT:
+        raise EmbedwalkError(
+            f"{path} is not valid JSON ({e}); the store's manifest is damaged, and without it the shards cannot be "
+            "checked. Rerun the cache command into a new directory"
+        ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise EmbedwalkError(f"{path} cannot be read ({e}); rerun the cache command into a new directory") from e
+    missing = [k for k in ("config", "shards", "hooks", "d_model", "dtype", "complete") if not isinstance(manifest, dict) or k not in manifest]
+    if missing and isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        raise EmbedwalkError(f"{path} lacks {missing}; the store's manifest is damaged. Rerun the cache command into a new directory")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EmbedwalkError(f"{path} is not an embedwalk activation-store manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise EmbedwalkError(f"{path} was written by a newer embedwalk (format {manifest['format_version']}); upgrade embedwalk")
@@ -104,6 +112,10 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 
 def model_identity(adapter) -> dict:
+    """What the stored vectors' meaning depends on: the model (its unembedding's SHA-256) and
+    the residual basis its hook points live in (raw or processed weights)."""
+    from embedwalk.basis import residual_basis
+
     cfg = adapter.cfg
     return {
         "name": str(getattr(cfg, "model_name", None) or type(adapter.model).__name__),
@@ -114,6 +126,7 @@ def model_identity(adapter) -> dict:
         "d_vocab": adapter.d_vocab,
         "model_dtype": str(adapter.dtype).replace("torch.", ""),
         "W_U_sha256": tensor_sha256(adapter.W_U.float()),
+        "residual_basis": residual_basis(adapter),
     }
 
 
@@ -149,17 +162,40 @@ def write_shard(path: Path, tensors: dict, metadata: dict) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+RECOVER = (
+    "The store is damaged: check every shard with open_store(path, verify=True), delete the damaged shard and "
+    "every later one, and rerun the same cache_activations call (or `embedwalk cache` command) into the same "
+    "directory; it rewrites them byte-identically"
+)
+
+
+def damaged(path: Path, what: str) -> EmbedwalkError:
+    """The error for an unreadable shard: names it and says how to recover."""
+    return EmbedwalkError(f"shard {path} {what}. {RECOVER}")
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """The safetensors header of ``path`` and the byte offset where tensor data starts."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise EmbedwalkError(f"shard {path} is truncated (no header); delete it and rerun the cache command to rewrite it")
-        (n,) = struct.unpack("<Q", head)
-        raw = f.read(n)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise damaged(path, "is truncated (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000:
+                raise damaged(path, f"has a damaged header (it claims {n} header bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise damaged(path, f"cannot be read ({e})") from e
     if len(raw) < n:
-        raise EmbedwalkError(f"shard {path} is truncated (header cut short); delete it and rerun the cache command")
-    return json.loads(raw), 8 + n
+        raise damaged(path, "is truncated (header cut short)")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(path, f"has a damaged header (not valid JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise damaged(path, "has a damaged header (not a JSON object)")
+    return header, 8 + n
 
 
 def file_sha256(path: Path) -> str:
@@ -177,10 +213,15 @@ def map_shard(path: Path) -> tuple[dict, dict]:
     mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file never touched
     out = {}
     for name, info in header.items():
-        s, e = info["data_offsets"]
-        if start + e > mm.shape[0]:
-            raise EmbedwalkError(f"shard {path} is truncated ({mm.shape[0]} bytes, tensor {name} needs {start + e})")
-        arr = mm[start + s : start + e].view(_NP_VIEW[info["dtype"]]).reshape(info["shape"])
+        try:
+            s, e = info["data_offsets"]
+            if start + e > mm.shape[0]:
+                raise damaged(path, f"is truncated ({mm.shape[0]} bytes, tensor {name} needs {start + e})")
+            arr = mm[start + s : start + e].view(_NP_VIEW[info["dtype"]]).reshape(info["shape"])
+        except EmbedwalkError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise damaged(path, f"has a damaged header entry for tensor {name!r} ({type(err).__name__}: {err})") from err
         t = torch.from_numpy(arr)
         out[name] = t.view(_TORCH[info["dtype"]]) if info["dtype"] == "BF16" else t
     return out, meta

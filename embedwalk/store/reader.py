@@ -79,7 +79,10 @@ class _Shard:
         if self._meta is None:
             header, _ = mf.read_header(self.path)
             self._meta = header.get("__metadata__", {}) or {}
-        return json.loads(self._meta.get("embedwalk", "{}"))
+        try:
+            return json.loads(self._meta.get("embedwalk", "{}"))
+        except (AttributeError, TypeError, json.JSONDecodeError) as e:
+            raise mf.damaged(self.path, f"has damaged embedwalk metadata ({e})") from e
 
 
 class ActivationStore:
@@ -107,9 +110,9 @@ class ActivationStore:
         for sh in self.shards:
             size = sh.path.stat().st_size if sh.path.exists() else None
             if size is None:
-                raise EmbedwalkError(f"shard {sh.path} is missing; the store is damaged, rewrite it")
+                raise mf.damaged(sh.path, "is missing")
             if size != sh.info["bytes"]:
-                raise EmbedwalkError(f"shard {sh.path} is truncated or altered ({size} bytes, the manifest says {sh.info['bytes']}); rewrite it")
+                raise mf.damaged(sh.path, f"is truncated or altered ({size} bytes, the manifest says {sh.info['bytes']})")
         self.offsets = np.cumsum([0] + [s.info["rows"] for s in self.shards])
         self._prompts = None
         if verify:
@@ -130,7 +133,7 @@ class ActivationStore:
         """Recompute every shard's checksum; raise naming the first corrupt shard."""
         for sh in self.shards:
             if mf.file_sha256(sh.path) != sh.info["sha256"]:
-                raise EmbedwalkError(f"shard {sh.path} is corrupt (sha256 differs from the manifest); delete the store's copy and rewrite it")
+                raise mf.damaged(sh.path, "is corrupt (sha256 differs from the manifest)")
 
     def resolve(self, hooks: Union[None, str, Sequence[str]] = None, layers: Optional[Sequence[int]] = None) -> list[str]:
         """Stored hook names for ``hooks`` (names, aliases such as 'final' or 'resid_pre.4') and/or ``layers``."""

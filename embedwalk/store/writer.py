@@ -31,6 +31,7 @@ from embedwalk.inputs import batches as make_batches
 from embedwalk.run import Context, Reader, attached, forward
 from embedwalk.store import manifest as mf
 from embedwalk.store.distributed import rank_dir, resolve_rank
+from embedwalk.store.identity import Unidentifiable, function_identity
 from embedwalk.store.sources import item_digest, iter_items
 
 __all__ = ["cache_activations", "plan_hooks", "FINAL_NORMED"]
@@ -143,12 +144,29 @@ def plan_hooks(model, hooks: Optional[Sequence[str]] = None, layers: Optional[Se
     return list(entries.values())
 
 
-def _positions_id(positions: Positions) -> str:
+def _positions_id(positions: Positions, positions_id: Optional[str] = None) -> str:
+    """The configuration's record of the row-selection rule: what a positions function computes
+    (see :mod:`embedwalk.store.identity`), or the name the user gives it."""
     if positions in ("all", "last"):
+        if positions_id is not None:
+            raise EmbedwalkError("positions_id names a positions function; drop it for positions='all' or 'last'")
         return positions
-    if callable(positions):
-        return f"mask:{getattr(positions, '__module__', '?')}.{getattr(positions, '__qualname__', repr(positions))}"
-    raise EmbedwalkError(f"positions must be 'all', 'last' or a function (tokens, mask) -> bool mask; got {positions!r}")
+    if not callable(positions):
+        raise EmbedwalkError(f"positions must be 'all', 'last' or a function (tokens, mask) -> bool mask; got {positions!r}")
+    if positions_id is not None:
+        if not isinstance(positions_id, str) or not positions_id:
+            raise EmbedwalkError(f"positions_id must be a non-empty string naming the positions rule, got {positions_id!r}")
+        return f"named:{positions_id}"
+    name = f"{getattr(positions, '__module__', '?')}.{getattr(positions, '__qualname__', type(positions).__qualname__)}"
+    try:
+        return f"mask:{name}#{function_identity(positions)[:32]}"
+    except Unidentifiable as e:
+        raise EmbedwalkError(
+            f"cannot tell what the positions function {name} computes ({e}), so a resumed store could mix two "
+            "row-selection rules. Use a plain function of (tokens, mask) whose closure and globals hold plain "
+            "values, or name the rule yourself: cache_activations(..., positions_id='even-tokens-v1') "
+            "(change the name whenever the rule changes)"
+        ) from None
 
 
 class _Gather(Reader):
@@ -329,17 +347,47 @@ def _prepare(directory: Path, manifest: dict) -> dict:
             + "\n  ".join(diffs[:8] or ["(configuration hash differs)"])
             + "\nUse a new --out directory, or rerun with exactly the original settings."
         )
-    for s in old["shards"]:
-        path = directory / s["file"]
-        if not path.exists() or path.stat().st_size != s["bytes"]:
-            got = path.stat().st_size if path.exists() else "missing"
-            raise EmbedwalkError(
-                f"shard {path} is damaged (size {got}, manifest says {s['bytes']}); delete it and every later shard's "
-                "manifest entry, or start a new directory"
-            )
+    _check_kept_shards(directory, old)
     for stray in directory.glob(".*.partial"):
         stray.unlink()  # a shard the last run was killed while writing
     return old
+
+
+def _check_kept_shards(directory: Path, manifest: dict) -> None:
+    """Resume keeps only shards whose bytes match the SHA-256 the manifest recorded for them.
+
+    A damaged shard is an error (never silently rewritten: a disk that flips bits should be
+    noticed). Shards deleted from the end are forgotten and rewritten by this run, which is
+    how a damaged store is repaired: delete the damaged shard and every later one, rerun.
+    """
+    shards = manifest["shards"]
+    present = [(directory / s["file"]).exists() for s in shards]
+    cut = present.index(False) if False in present else len(shards)
+    if any(present[cut:]):
+        later = [s["file"] for s, p in zip(shards[cut:], present[cut:]) if p]
+        raise EmbedwalkError(
+            f"shard {directory / shards[cut]['file']} is missing but later shards {later[:3]} exist; a store is rewritten "
+            f"from its first missing shard on. Delete {', '.join(later[:3])}{' ...' if len(later) > 3 else ''} too and rerun "
+            "the same command to rewrite them, or start a new directory"
+        )
+    for s in shards[:cut]:
+        path = directory / s["file"]
+        size = path.stat().st_size
+        if size != s["bytes"] or mf.file_sha256(path) != s["sha256"]:
+            what = f"size {size}, manifest says {s['bytes']}" if size != s["bytes"] else "its SHA-256 differs from the manifest's"
+            raise EmbedwalkError(
+                f"shard {path} is damaged ({what}), so it cannot be kept for resuming. Delete it and every later "
+                f"shard file ({s['file']} .. {shards[-1]['file']}) and rerun the same command: embedwalk rewrites "
+                "them byte-identically. Or start a new directory"
+            )
+    if cut < len(shards):
+        dropped = shards[cut:]
+        manifest["shards"] = shards[:cut]
+        manifest["rows"] -= sum(s["rows"] for s in dropped)
+        manifest["prompts"] -= sum(s["prompts"] for s in dropped)
+        manifest["bytes"] -= sum(s["bytes"] for s in dropped)
+        manifest["complete"] = False
+        mf.write_json_atomic(directory / mf.MANIFEST, manifest)
 
 
 def cache_activations(
@@ -350,6 +398,7 @@ def cache_activations(
     hooks: Optional[Sequence[str]] = None,
     layers: Optional[Sequence[int]] = None,
     positions: Positions = "all",
+    positions_id: Optional[str] = None,
     dtype: Union[str, torch.dtype] = "bfloat16",
     batch_size: int = 8,
     shard_mb: float = 128.0,
@@ -370,6 +419,14 @@ def cache_activations(
     Returns the :class:`~embedwalk.store.ActivationStore` (the rank's own store under
     torchrun; :func:`~embedwalk.store.merge` joins the ranks). ``readers`` are extra embedwalk
     Readers fed by the same forward passes.
+
+    ``positions`` is ``"all"``, ``"last"`` or a function ``(tokens, mask) -> bool mask``; a
+    function enters the configuration by what it computes (code, constants, defaults, closure
+    and global values), and one whose identity cannot be established must be named with
+    ``positions_id``. Rerunning into ``out`` resumes only the same configuration and data:
+    kept shards are checked against their SHA-256, a complete store is returned only for the
+    same data, anything else raises :class:`EmbedwalkError`. Deleted trailing shards are
+    rewritten (byte-identical).
     """
     from embedwalk import __version__
     from embedwalk.store.reader import ActivationStore
@@ -387,7 +444,7 @@ def cache_activations(
         "hooks": [e["name"] for e in entries],
         "requested_hooks": list(hooks) if hooks is not None else None,
         "layers": list(layers) if layers is not None else None,
-        "positions": _positions_id(positions),
+        "positions": _positions_id(positions, positions_id),
         "dtype": str(store_dtype).replace("torch.", ""),
         "batch_size": batch_size, "shard_rows": shard_rows, "text_field": text_field,
         "prepend_bos": prepend_bos, "padding_side": padding_side, "world_size": world_size,
@@ -400,14 +457,20 @@ def cache_activations(
         "d_model": adapter.d_model, "dtype": config["dtype"], "rank": rank, "world_size": world_size,
         "shards": [], "rows": 0, "prompts": 0, "bytes": 0, "complete": False,
     })
+    items = ((i, p, m) for i, (p, m) in enumerate(iter_items(data, text_field=text_field, attention_mask=attention_mask, metadata=metadata)) if i % world_size == rank)
+    _skip(items, manifest["shards"], directory)
     if manifest["complete"]:
+        # The shards cover the same prompts (checked above); the data must not go on past them.
+        if next(items, None) is not None:
+            raise EmbedwalkError(
+                f"{directory} holds a complete store of {manifest['prompts']} prompts, but the data given now has "
+                "more; it is another collection. Use a new out directory (or delete this one to rewrite it)"
+            )
         return ActivationStore(directory)
 
     writer = _ShardWriter(directory, manifest, shard_rows, queue_size)
     gather = _Gather(entries, positions, store_dtype, lambda chunk, rows, extra: writer.put((chunk, rows, extra)))
     parties = [gather, *readers]
-    items = ((i, p, m) for i, (p, m) in enumerate(iter_items(data, text_field=text_field, attention_mask=attention_mask, metadata=metadata)) if i % world_size == rank)
-    _skip(items, manifest["shards"], directory)
 
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, (str, Path)) else None
     bar = None
@@ -425,7 +488,8 @@ def cache_activations(
     n_tokens, t0 = 0, time.perf_counter()
     try:
         adapter.model.eval()
-        with torch.no_grad(), attached(adapter, parties, [], ctx_ref):
+        with torch.no_grad(), attached(adapter, parties, [], ctx_ref) as fired:
+            first = True
             while True:
                 chunk = [next(items, None) for _ in range(batch_size)]
                 chunk = [c for c in chunk if c is not None]
@@ -447,6 +511,9 @@ def cache_activations(
                 ctx = Context(adapter, batch)
                 ctx_ref[0] = ctx
                 forward(adapter, batch)
+                if first:
+                    fired.check()
+                    first = False
                 for r in parties:
                     r.end_batch(ctx)
                 n_tokens += int(batch.mask.sum())
