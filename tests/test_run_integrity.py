@@ -80,12 +80,17 @@ def test_with_the_flag_on_the_hook_result_edit_lands():
 @pytest.mark.skipif(GENERATION != "bridge", reason="TL 4 bridges list hook points that never fire")
 def test_a_requested_hook_point_that_never_fires_is_named():
     llama = make_tiny("llama")
-    assert "hook_pos_embed" in llama.hook_dict  # listed, but rotary models never run it
-    reader = Seen(["hook_pos_embed", ew.adapt(llama).hook("resid_post", 0)])
-    with pytest.raises(EmbedwalkError, match=r"never fired.*hook_pos_embed \(for Seen\)"):
+    # The adapter's probe knows hook_pos_embed never runs on a rotary model: refused up front.
+    with pytest.raises(EmbedwalkError, match=r"hook_pos_embed.*no position vector"):
+        ew.run(llama, TEXTS, readers=[Seen(["hook_pos_embed"])])
+    # A listed hook point the adapter does not probe is caught by run's after-the-batch check.
+    silent = "rotary_emb.hook_out"
+    assert silent in llama.hook_dict
+    reader = Seen([silent, ew.adapt(llama).hook("resid_post", 0)])
+    with pytest.raises(EmbedwalkError, match=rf"never fired.*{silent} \(for Seen\)"):
         ew.run(llama, TEXTS, readers=[reader])
-    with pytest.raises(EmbedwalkError, match=r"never fired.*hook_pos_embed \(for ZeroAt\)"):
-        ew.run(llama, TEXTS, writers=[ZeroAt("hook_pos_embed")])
+    with pytest.raises(EmbedwalkError, match=rf"never fired.*{silent} \(for ZeroAt\)"):
+        ew.run(llama, TEXTS, writers=[ZeroAt(silent)])
     assert sum(len(hp._forward_hooks) for hp in llama.hook_dict.values()) == 0
 
 
