@@ -33,7 +33,7 @@ from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
 from embedwalk.run import Context, Reader, run
 
-__all__ = ["LogitLensResult", "LogitLensReader", "logit_lens", "default_chunk_size", "METRICS"]
+__all__ = ["LogitLensResult", "LogitLensReader", "logit_lens", "default_chunk_size", "METRICS", "refuse_layers"]
 
 Positions = Union[None, str, int, Sequence[int]]
 Targets = Union[None, int, str, Sequence, Tensor]
@@ -205,10 +205,12 @@ class LogitLensReader(Reader):
         target_table: Optional[Callable[[int, int], Tensor]] = None,
         top_k: int = 5,
         mid: bool = False,
-        layers: Optional[Sequence[Union[int, str]]] = None,
+        readouts: Optional[Sequence[Union[int, str]]] = None,
         translator: Optional[Translator] = None,
         chunk_size: Optional[int] = None,
+        layers=None,
     ):
+        refuse_layers("LogitLensReader", layers)
         if not isinstance(top_k, int) or top_k < 1:
             raise EmbedwalkError(f"top_k must be a positive int, got {top_k!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -217,7 +219,7 @@ class LogitLensReader(Reader):
         self.target_table = target_table
         self.top_k = top_k
         self.mid = mid
-        self.layers = layers
+        self.readouts = readouts
         self.translator = translator
         self.chunk_size = chunk_size
 
@@ -226,7 +228,7 @@ class LogitLensReader(Reader):
         self.adapter = adapter
         points = adapter.readout_points(mid=self.mid)
         self.final = points[-1]
-        self.points = _select_points(points, self.layers)
+        self.points = _select_points(points, self.readouts)
         self.hooks = sorted({p.hook for p in self.points} | {self.final.hook})
         if self.translator is not None and hasattr(self.translator, "check_model"):
             self.translator.check_model(adapter)
@@ -409,25 +411,43 @@ def _positions_for(positions, n: int, prompt: int) -> Tensor:
     return torch.tensor([p % n for p in positions])
 
 
-def _select_points(points: list[ReadoutPoint], layers) -> list[ReadoutPoint]:
+def refuse_layers(where: str, layers) -> None:
+    """Refuse the old ``layers=`` spelling of a readout selection.
+
+    Everywhere else in embedwalk (and in TransformerLens) ``layers`` counts blocks; the lenses
+    used to count readouts under that name (0 = embedding), so ``layers=[30]`` on a 30-block
+    model silently meant block 29. Readout selections are now spelled ``readouts=``.
+    """
     if layers is None:
+        return
+    raise EmbedwalkError(
+        f"{where} selects readouts, so `layers=` was renamed `readouts=` (it counted readouts, not "
+        "blocks: 0 = embedding, l + 1 = output of block l). Pass readouts=[...] with readout "
+        "indices or labels (e.g. readouts=['embed', '3'] or readouts=[l + 1] for block l's output)."
+    )
+
+
+def _select_points(points: list[ReadoutPoint], readouts) -> list[ReadoutPoint]:
+    if readouts is None:
         return points
     by_label = {p.label: p for p in points}
     chosen = []
-    for layer in [layers] if isinstance(layers, (int, str)) else layers:
-        if isinstance(layer, str):
-            if layer not in by_label:
-                raise EmbedwalkError(f"no readout labelled {layer!r}; this model's readouts are {list(by_label)}")
-            chosen.append(by_label[layer])
-        elif isinstance(layer, int) and not isinstance(layer, bool):
-            if not -len(points) <= layer < len(points):
+    for item in [readouts] if isinstance(readouts, (int, str)) else readouts:
+        if isinstance(item, str):
+            if item not in by_label:
+                raise EmbedwalkError(f"no readout labelled {item!r}; this model's readouts are {list(by_label)}")
+            chosen.append(by_label[item])
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -len(points) <= item < len(points):
                 raise EmbedwalkError(
-                    f"layer {layer} is out of range: there are {len(points)} readouts (0 = embedding, "
+                    f"readout {item} is out of range: there are {len(points)} readouts (0 = embedding, "
                     f"l+1 = output of block l; valid 0..{len(points) - 1} or negative from the end)"
                 )
-            chosen.append(points[layer])
+            chosen.append(points[item])
         else:
-            raise EmbedwalkError(f"layers must be readout indices or labels, got {layer!r}")
+            raise EmbedwalkError(f"readouts must be readout indices or labels, got {item!r}")
+    if not chosen:
+        raise EmbedwalkError("readouts is an empty list; pass None for every readout")
     return list(dict.fromkeys(chosen))
 
 
@@ -478,7 +498,7 @@ def logit_lens(
     targets: Targets = None,
     top_k: int = 5,
     mid: bool = False,
-    layers: Optional[Sequence[Union[int, str]]] = None,
+    readouts: Optional[Sequence[Union[int, str]]] = None,
     translator: Optional[Translator] = None,
     chunk_size: Optional[int] = None,
     batch_size: int = 8,
@@ -486,6 +506,7 @@ def logit_lens(
     prepend_bos: Optional[bool] = None,
     padding_side: Optional[str] = None,
     progress: Optional[bool] = None,
+    layers=None,
 ) -> LogitLensResult:
     """Read every residual readout (embedding, each block's output; ``mid`` adds each block's
     midpoint) through the model's own final norm and unembed, in one pass.
@@ -496,18 +517,22 @@ def logit_lens(
         targets: None (the actual next token; none at the last position), one id or
             one-token string for all, one per prompt, or a ``[batch, pos]`` id tensor aligned
             with the token inputs.
-        layers: readout indices (0 = embedding, l+1 = block l) or labels to keep; the final
-            readout is always used internally for the KL and agreement.
+        readouts: readout indices (0 = embedding, l+1 = output of block l) or labels
+            (``"embed"``, ``"0"``, ...) to keep; the final readout is always used internally
+            for the KL and agreement.
+        layers: refused with an error naming ``readouts=``: this argument counted readouts,
+            while ``layers`` counts blocks everywhere else in embedwalk and TransformerLens.
         translator: ``f(h, readout_point) -> h`` applied before the readout, e.g. a
             :class:`~embedwalk.lenses.TunedLens`; never applied to the final readout.
         chunk_size: (readout, position) rows read out at once; bounds the peak extra memory
             at about ``chunk_size * d_vocab * 4`` bytes times a few temporaries. Default:
             :func:`default_chunk_size` of the model's device.
     """
+    refuse_layers("logit_lens", layers)
     adapter = adapt(model)
     table = _target_table(adapter, inputs, attention_mask, targets, prepend_bos, padding_side)
     reader = LogitLensReader(
-        positions=positions, target_table=table, top_k=top_k, mid=mid, layers=layers,
+        positions=positions, target_table=table, top_k=top_k, mid=mid, readouts=readouts,
         translator=translator, chunk_size=chunk_size,
     )
     (result,) = run(
