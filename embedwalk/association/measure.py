@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
@@ -82,6 +83,7 @@ class AssociationReader(Reader):
         )
 
 
+@summary_repr
 @dataclass
 class AssociationBias:
     """Per layer and head, averaged over valid query positions.
@@ -97,6 +99,12 @@ class AssociationBias:
     self_attention: Float[Tensor, "layer head"]
     self_uniform: float
     n_tokens: int
+
+    def _headline(self) -> list[str]:
+        L, Hh = self.distance.shape
+        return [f"{L} layers x {Hh} heads over {self.n_tokens} tokens: distance to uniform mean "
+                f"{float(self.distance.mean()):.3f}, cosine mean {float(self.cosine.mean()):.3f}, self-attention mean "
+                f"{float(self.self_attention.mean()):.3f} (uniform {self.self_uniform:.3f})"]
 
     @property
     def self_bias(self) -> Float[Tensor, "layer head"]:
@@ -183,6 +191,7 @@ def _passes(adapter, tokens, mask, writers, batch_size) -> list[_Pass]:
     return out
 
 
+@summary_repr
 @dataclass
 class SwapEffect:
     """What swapping ``targets`` for uniform aggregation did to the model's predictions."""
@@ -261,6 +270,7 @@ def downstream(
     return _compare(targets, orig, _passes(adapter, tokens, mask, [swap], batch_size))
 
 
+@summary_repr
 @dataclass
 class SweepResult:
     """One row per swap: ``unit`` is 'all', 'layer' or 'head'."""
@@ -269,6 +279,16 @@ class SweepResult:
     units: list[str] = field(default_factory=list)
     n_layers: int = 0
     n_heads: int = 0
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        if not self.effects:
+            return ["no swaps"]
+        df = self.table
+        counts = df.unit.value_counts().to_dict()
+        return [f"{len(df)} swaps ({', '.join(f'{v} {k}' for k, v in counts.items())}) on {self.n_layers} layers x {self.n_heads} heads; "
+                "largest KL first:"] + table_lines(df.sort_values("kl", ascending=False), max_rows=8)
 
     @property
     def table(self):

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.errors import EmbedwalkError
 
 __all__ = ["RetrainConfig", "RetrainResult", "retrain", "prose_corpus", "encode_corpus", "uniform_attention", "build_model"]
@@ -152,6 +153,7 @@ def build_model(cfg: RetrainConfig, vocab: int, *, uniform: bool):
 
 
 # --------------------------------------------------------------------------- training
+@summary_repr
 @dataclass
 class RetrainResult:
     """Validation-loss curves (nats per token) of the two runs at the same steps."""
@@ -163,6 +165,12 @@ class RetrainResult:
     train_uniform: list[float] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        if not self.steps:
+            return ["no evaluation steps"]
+        return [f"{len(self.steps)} evaluations up to step {self.steps[-1]}; final validation loss (nats/token): "
+                f"standard {self.standard[-1]:.4f}, uniform {self.uniform[-1]:.4f}, gap {self.gap:+.4f}"]
 
     @property
     def gap(self) -> float:

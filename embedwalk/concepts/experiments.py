@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.run import Context, Reader, Writer, run
@@ -61,6 +62,7 @@ __all__ = [
 # --------------------------------------------------------------------------- concept tables
 
 
+@summary_repr
 @dataclass
 class ConceptTable:
     """Words with concept features.
@@ -213,6 +215,7 @@ def _overall(r2: np.ndarray, sst: np.ndarray) -> float:
     return float(1 - ((1 - r2) * sst).sum() / sst.sum())
 
 
+@summary_repr
 @dataclass
 class TokenRegressionResult:
     """Held-out R² of ridge maps between word vectors and concept features.
@@ -225,6 +228,13 @@ class TokenRegressionResult:
     table: pd.DataFrame
     n_perm: int
     meta: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        df = self.table[self.table.target == "all"]
+        cols = [c for c in ("concept", "kind", "direction", "n", "cv_r2", "null_mean", "null_q95", "p_value") if c in df]
+        return [f"held-out R² (all targets) of {len(df)} maps, {self.n_perm} permutations:"] + table_lines(df[cols], max_rows=16)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.table.copy()
@@ -313,6 +323,7 @@ def token_regression(
 DEFAULT_TEMPLATES = ("The word is {}", "I wrote down {}", "She kept thinking about {}")
 
 
+@summary_repr
 @dataclass
 class LayerProbeResult:
     """Held-out probe accuracy per concept and readout point, with controls.
@@ -325,6 +336,17 @@ class LayerProbeResult:
     table: pd.DataFrame
     points: list[str]
     meta: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        df = self.table[self.table.model == "trained"]
+        if df.empty:
+            return [f"{len(self.points)} points, no trained-model rows"]
+        best = df.loc[df.groupby("concept", sort=False)["real"].idxmax()]
+        cols = [c for c in ("concept", "point", "real", "real_p", "control", "selectivity", "chance") if c in best]
+        return [f"probe accuracy at {len(self.points)} points ({self.points[0]} .. {self.points[-1]}); "
+                "best point per concept (trained model):"] + table_lines(best[cols], max_rows=16)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.table.copy()
@@ -521,6 +543,7 @@ def continuation_logprobs(
 # --------------------------------------------------------------------------- (c, d) multiple choice
 
 
+@summary_repr
 @dataclass
 class MultipleChoiceResult:
     """Accuracies of every scoring method on a multiple-choice set.
@@ -541,6 +564,11 @@ class MultipleChoiceResult:
     reduction: str
     n_options: int
     meta: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        return [f"{len(self.items)} items, {self.n_options} options each; accuracy by method:"] + table_lines(self.summary()[["method", "accuracy"]], max_rows=16)
 
     def accuracy(self, method: str) -> float:
         return (self.scores[method].argmax(-1) == self.gold).float().mean().item()

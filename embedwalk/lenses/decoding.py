@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import tokenize
@@ -61,6 +62,7 @@ def filter_logits(logits: Float[Tensor, "vocab"], top_k: Optional[int], top_p: O
     return out
 
 
+@summary_repr
 @dataclass
 class DecodingWalk:
     """One generation, step by step.
@@ -82,6 +84,15 @@ class DecodingWalk:
     token_strs: dict[int, str] = field(default_factory=dict)
     token_vectors: Optional[Float[Tensor, "step d_model"]] = field(default=None, repr=False)
     stopped_at_eos: bool = False
+
+    def _headline(self) -> list[str]:
+        n = len(self.chosen)
+        if n == 0:
+            return ["no tokens generated"]
+        stop = " (stopped at EOS)" if self.stopped_at_eos else ""
+        return [f"{len(self.prompt_tokens)} prompt tokens, {n} generated{stop}: {self.text[:70]!r}",
+                f"path log-prob {float(self.path_logprob[-1]):.3f} nats; step prob min {float(self.prob.min()):.3f}, "
+                f"mean {float(self.prob.mean()):.3f}; {len(self.readout_labels)} readouts per step"]
 
     @property
     def prob(self) -> Float[Tensor, "step"]:

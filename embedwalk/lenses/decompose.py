@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
@@ -67,6 +68,7 @@ def frozen_final_norm(adapter: ModelAdapter, x: Float[Tensor, "d_model"]):
     return centre, weight / scale, bias
 
 
+@summary_repr
 @dataclass
 class DecompositionResult:
     """The residual at (``layer``, ``stage``, ``position``) as a sum of ``parts``.
@@ -97,6 +99,14 @@ class DecompositionResult:
     source_parts: Optional[Float[Tensor, "layer head src d_model"]] = None
     source_dla: Optional[Float[Tensor, "layer head src"]] = None
     head_layers: list[int] = field(default_factory=list)
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        tok = self.str_tokens[self.position] if -len(self.str_tokens) <= self.position < len(self.str_tokens) else "?"
+        return [f"residual at layer {self.layer} {self.stage}, position {self.position} ({tok!r}) = sum of "
+                f"{len(self.kinds)} parts (relative error {self.relative_error:.1e})",
+                f"logit of {self.token_str!r} = {self.logit:.4g}; largest direct logit attributions:"] + table_lines(self.top(5))
 
     @property
     def reconstruction(self) -> Float[Tensor, "d_model"]:

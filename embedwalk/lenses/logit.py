@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
@@ -50,6 +51,7 @@ def default_chunk_size(device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------- result
+@summary_repr
 @dataclass
 class LogitLensResult:
     """Per (readout, row) metrics; a row is one (prompt, position) pair.
@@ -73,6 +75,18 @@ class LogitLensResult:
     top1_agrees: Bool[Tensor, "readout row"]
     token_strs: dict = field(default_factory=dict, repr=False)
     translated: bool = False
+
+    def _headline(self) -> list[str]:
+        R, N, k = self.top_ids.shape
+        kind = "tuned" if self.translated else "logit"
+        out = [f"{kind} lens: {R} readouts ({self.labels[0]} .. {self.labels[-1]}) x {N} rows "
+               f"({len(set(self.prompt.tolist()))} prompts), top-{k}"]
+        kl = self.layer_means("kl_to_final").tolist()
+        picks = sorted(set([0, R // 4, R // 2, 3 * R // 4, R - 1]))
+        out.append("mean KL(final || readout), nats: " + "  ".join(f"{self.labels[i]}: {kl[i]:.3g}" for i in picks))
+        agree = self.top1_agrees.float().mean(1).tolist()
+        out.append("top-1 agrees with final: " + "  ".join(f"{self.labels[i]}: {agree[i]:.0%}" for i in picks))
+        return out
 
     def _str(self, i: int) -> str:
         return self.token_strs.get(int(i), f"<{int(i)}>") if i >= 0 else ""

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs
@@ -53,6 +54,7 @@ def _cos(a: Tensor, b: Tensor) -> Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).float()
 
 
+@summary_repr
 @dataclass
 class WalkResult:
     """The encoding walk of each requested (prompt, position).
@@ -80,6 +82,13 @@ class WalkResult:
     token_vectors: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- derived
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        n, P, d = self.states.shape
+        cols = ["prompt", "pos", "token", "path_length", "displacement", "straightness", "final_top1"]
+        return [f"{n} walks x {P} points (embed, then l.mid / l per block), d_model {d}"] + table_lines(self.summary()[cols], max_rows=8)
+
     @property
     def n_layers(self) -> int:
         return self.attn_out.shape[1]

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 
+from embedwalk._summary import summary_repr
 from ..errors import EmbedwalkError
 from .graphs import PriorityGraphs, build_priority_graphs
 
@@ -156,12 +157,30 @@ def retrieval_scores(
     }
 
 
+@summary_repr
 @dataclass(eq=False)
 class HeadPriorityResult:
     """Scores per (layer, head); each metric tensor is ``[layer, head]``."""
 
     scores: dict[str, Float[torch.Tensor, "layer head"]]
     layers: list[int] = field(default_factory=list)
+
+    def _headline(self) -> list[str]:
+        if not self.scores:
+            return ["no scores"]
+        L, H = next(iter(self.scores.values())).shape
+        out = [f"{L} layers x {H} heads; metrics: {', '.join(self.scores)}"]
+        if "ratio" in self.scores:
+            r = self.scores["ratio"].double()
+            ok = torch.isfinite(r)
+            if ok.any():
+                flat = torch.where(ok, r, float("nan")).reshape(-1)
+                i = int(torch.nan_to_num(flat, nan=-float("inf")).argmax())
+                out.append(f"ratio (1 = uniform): median {float(r[ok].median()):.3g}, max {float(flat[i]):.3g} "
+                           f"at layer {self.layers[i // H] if self.layers else i // H} head {i % H}")
+            else:
+                out.append("ratio: no finite values")
+        return out
 
     def to_dataframe(self) -> pd.DataFrame:
         L, H = self.scores["mass"].shape

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from embedwalk._summary import summary_repr
 from ..errors import EmbedwalkError
 from .single_layer import TrainingRun, generate_dataset, run_experiment
 
@@ -46,12 +47,16 @@ PAPER_VALUES = {
 }
 
 
+@summary_repr
 @dataclass(eq=False)
 class ReproductionResult:
     """Runs per setting; ``history`` stacks every run's metric curves."""
 
     runs: dict[str, list[TrainingRun]]
     iterations: int
+
+    def _headline(self) -> list[str]:
+        return [f"{self.iterations} iterations; settings: " + ", ".join(f"{s} ({len(r)} data sets)" for s, r in self.runs.items())]
 
     @property
     def history(self) -> pd.DataFrame:
