@@ -128,11 +128,11 @@ class AssociationBias:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
         im = axes[0].imshow(self.distance.numpy(), aspect="auto", cmap="viridis")
         axes[0].set(title="‖z − z_uniform‖ / ‖z‖", xlabel="head", ylabel="layer")
-        fig.colorbar(im, ax=axes[0])
+        fig.colorbar(im, ax=axes[0], label="relative distance to uniform aggregation (0 = uniform)")
         lim = float(self.self_bias.abs().max()) or 1.0
         im = axes[1].imshow(self.self_bias.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
         axes[1].set(title=f"self bias (attention to self − {self.self_uniform:.3f})", xlabel="head", ylabel="layer")
-        fig.colorbar(im, ax=axes[1])
+        fig.colorbar(im, ax=axes[1], label="attention weight on own position − uniform (< 0: avoids self)")
         return fig
 
 
@@ -325,12 +325,20 @@ class SweepResult:
         fig, axes = plt.subplots(1, 1 + has_heads, figsize=(5 + 5 * has_heads, 4.5), constrained_layout=True, squeeze=False)
         ax = axes[0, 0]
         ax.bar(layers.layer, layers[metric])
-        ax.set(title=f"{metric}: one layer swapped", xlabel="layer", ylabel=metric)
+        ax.set(title=f"{metric}: one layer swapped", xlabel="layer", ylabel=_SWEEP_UNITS.get(metric, metric))
         if has_heads:
             im = axes[0, 1].imshow(heads.numpy(), aspect="auto", cmap="magma")
             axes[0, 1].set(title=f"{metric}: one head swapped", xlabel="head", ylabel="layer")
-            fig.colorbar(im, ax=axes[0, 1])
+            fig.colorbar(im, ax=axes[0, 1], label=_SWEEP_UNITS.get(metric, metric))
         return fig
+
+
+_SWEEP_UNITS = {
+    "delta_loss": "Δ loss, swapped − original [nats/token]",
+    "kl": "KL(original ‖ swapped) [nats]",
+    "top1_agreement": "top-1 agreement with the original (fraction)",
+    "composite_cosine": "cosine of final residuals (original, swapped)",
+}
 
 
 def sweep(

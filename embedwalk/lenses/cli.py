@@ -32,7 +32,9 @@ def _logit(args) -> int:
     shown = df if args.last else df[df.pos == df.groupby("prompt").pos.transform("max")]
     print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.plot:
-        res.plot(args.metric).savefig(args.plot, dpi=120)
+        from embedwalk.figures import save_figure
+
+        save_figure(res.plot(args.metric), args.plot)
         print(f"saved figure to {args.plot}")
     return 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -154,54 +155,154 @@ class LogitLensResult:
             lines.append(f"{label:>{width}}  {float(self.kl_to_final[r, row]):6.2f}  {float(self.entropy[r, row]):7.2f}  {tops}")
         return "\n".join(lines)
 
-    def plot(self, metric: str = "kl_to_final", *, prompt: int = 0, kind: str = "heatmap", annotate: Optional[bool] = None, ax=None):
-        """``kind="heatmap"``: layer x position of ``metric`` for one prompt, cells labelled
-        with the layer's top-1 token (the classic logit-lens figure). ``kind="lines"``: mean
-        KL to the final distribution and mean entropy per layer, over all rows."""
+    def _prompt_rows(self, prompt: int) -> Tensor:
+        rows = (self.prompt == prompt).nonzero().flatten()
+        if rows.numel() == 0:
+            raise EmbedwalkError(f"prompt {prompt} is not in this result (prompts: {sorted(set(self.prompt.tolist()))})")
+        return rows[self.pos[rows].argsort()]
+
+    def plot(self, metric: str = "kl_to_final", *, prompt: int = 0, kind: str = "heatmap", annotate: Optional[bool] = None,
+             ax=None, interactive: bool = False):
+        """``kind="heatmap"``: readout x position of ``metric`` for one prompt, cells labelled
+        with the readout's top-1 token (the classic logit-lens figure). ``kind="lines"``: mean
+        KL to the final distribution and mean entropy per readout, over all rows.
+
+        Colour scales: KL and target rank are heavy-tailed (the embedding row's KL is often
+        100x the rest), so they use a log scale; the target rank is drawn as ``1 + rank``
+        (1 = top-1) and cells without a target (the last position under next-token targets) are
+        hatched grey, never coloured as a rank. Whitespace in tokens is drawn visibly (``␣``,
+        ``\\n``). ``interactive=True`` returns a plotly figure whose hover shows each cell's top
+        tokens and metrics (needs ``pip install 'embedwalk[interactive]'``).
+        """
+        if interactive:
+            if kind != "heatmap":
+                raise EmbedwalkError("interactive=True draws the heatmap; use kind='heatmap'")
+            return self._interactive(metric, prompt)
         import matplotlib.pyplot as plt
 
+        from embedwalk.figures import log_norm, mark_missing, visible_token
+
+        name = "tuned" if self.translated else "logit"
         if kind == "lines":
             fig, ax1 = plt.subplots(figsize=(7, 3.5)) if ax is None else (ax.figure, ax)
             x = range(len(self.labels))
-            ax1.plot(x, self.layer_means("kl_to_final"), "o-", color="C0", label="KL(final || layer)")
-            ax1.set_ylabel("KL to final (nats)", color="C0")
+            ax1.plot(x, self.layer_means("kl_to_final"), "o-", color="C0", ms=3, label="KL(final ‖ readout)")
+            ax1.set_yscale("log")
+            ax1.set_ylabel("mean KL(final ‖ readout) [nats, log]", color="C0")
             ax2 = ax1.twinx()
-            ax2.plot(x, self.layer_means("entropy"), "s--", color="C1", label="entropy")
-            ax2.set_ylabel("entropy (nats)", color="C1")
-            ax1.set_xticks(list(x), self.labels, rotation=90, fontsize=7)
-            ax1.set_xlabel("readout")
-            ax1.set_title(("tuned" if self.translated else "logit") + " lens: per-layer means")
+            ax2.plot(x, self.layer_means("entropy"), "s--", color="C1", ms=3, label="entropy")
+            ax2.set_ylabel("mean entropy [nats]", color="C1")
+            step = max(1, -(-len(self.labels) // 16))
+            ax1.set_xticks(list(x)[::step], self.labels[::step], fontsize=8)
+            ax1.set_xlabel("readout (embed, then the output of block l)")
+            ax1.set_title(f"{name} lens: per-readout means over {self.top_ids.shape[1]} positions")
             fig.tight_layout()
             return fig
         if kind != "heatmap":
             raise EmbedwalkError(f"kind must be 'heatmap' or 'lines', got {kind!r}")
-        rows = (self.prompt == prompt).nonzero().flatten()
-        if rows.numel() == 0:
-            raise EmbedwalkError(f"prompt {prompt} is not in this result (prompts: {sorted(set(self.prompt.tolist()))})")
-        rows = rows[self.pos[rows].argsort()]
-        values = self.metric(metric)[:, rows].float().numpy()
+        rows = self._prompt_rows(prompt)
+        values = self.metric(metric)[:, rows].double().numpy()
         R, P = values.shape
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(min(2 + 0.9 * P, 20), min(1.5 + 0.32 * R, 16)))
+        missing = (values < 0) if metric == "target_rank" else ~np.isfinite(values)
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(min(3.0 + 0.62 * P, 20), min(1.6 + 0.26 * R, 16)))
         else:
             fig = ax.figure
-        cmap = "viridis_r" if metric in ("kl_to_final", "entropy", "target_rank") else "viridis"
-        im = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap)
-        fig.colorbar(im, ax=ax, label=metric)
+        label, scale = _METRIC_AXES[metric]
+        cmap = plt.get_cmap("viridis_r" if metric in ("kl_to_final", "entropy", "target_rank") else "viridis").copy()
+        shown = np.where(missing, np.nan, values)
+        if metric == "target_rank":
+            shown = shown + 1  # log scale: 1 = top-1
+            norm = log_norm(shown, floor=1.0, vmax=max(10.0, float(np.nanmax(shown)) if np.isfinite(shown).any() else 10.0))
+        elif scale == "log":
+            fin = shown[np.isfinite(shown) & (shown > 0)]
+            hi = float(fin.max()) if fin.size else 1.0
+            norm = log_norm(shown, floor=max(float(fin.min()) if fin.size else hi / 1e3, hi * 1e-4), vmax=hi)
+        else:
+            norm = None
+        im = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", origin="lower", cmap=cmap, norm=norm)
+        n_missing = mark_missing(ax, missing)
+        cbar_label = label + (" (log scale)" if scale == "log" else "")
+        if n_missing:
+            cbar_label += "\nhatched: " + ("no target" if metric in ("target_rank", "target_logprob") else "no value")
+        fig.colorbar(im, ax=ax, label=cbar_label, pad=0.02)
         if annotate if annotate is not None else P * R <= 1200:
             top = self.top_ids[:, rows, 0]
             for r in range(R):
                 for c in range(P):
-                    rgba = im.cmap(im.norm(values[r, c]))
-                    light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5  # readable on any cell
-                    ax.text(c, r, self._str(int(top[r, c]))[:8], ha="center", va="center", fontsize=6, color="k" if light else "w")
-        ax.set_yticks(range(R), self.labels, fontsize=7)
-        ax.set_xticks(range(P), [self._str(int(t)) for t in self.token[rows]], rotation=60, fontsize=7)
-        ax.set_xlabel("input token (position)")
-        ax.set_ylabel("readout")
-        ax.set_title(f"{'tuned' if self.translated else 'logit'} lens, prompt {prompt}: {metric} (cells: top-1 token)")
-        fig.tight_layout()
+                    if np.isfinite(shown[r, c]):
+                        rgba = im.cmap(im.norm(shown[r, c]))
+                        light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5  # readable on any cell
+                    else:
+                        light = True
+                    ax.text(c, r, visible_token(self._str(int(top[r, c])), 8), ha="center", va="center", fontsize=6,
+                            color="k" if light else "w", zorder=3)
+        step = max(1, -(-R // 40))  # at most ~40 readout labels, so they never overlap
+        ax.set_yticks(range(0, R, step), self.labels[::step], fontsize=7)
+        ax.set_xticks(range(P), [visible_token(self._str(int(t)), 12) for t in self.token[rows]], rotation=60,
+                      ha="right", rotation_mode="anchor", fontsize=7)
+        ax.set_xlabel("input token")
+        ax.set_ylabel("readout (embed, block output)")
+        ax.set_title(f"{name} lens, prompt {prompt}: {_METRIC_TITLES[metric]} (cells: top-1 token)", fontsize=9)
+        if own:
+            fig.tight_layout()
         return fig
+
+    def _interactive(self, metric: str, prompt: int):
+        from embedwalk.figures import require_plotly, visible_token
+
+        go = require_plotly()
+        self.metric(metric)  # unknown metric: the same error as the static figure
+        rows = self._prompt_rows(prompt)
+        values = self.metric(metric)[:, rows].double().numpy()
+        missing = (values < 0) if metric == "target_rank" else ~np.isfinite(values)
+        z = np.where(missing, np.nan, values)
+        label, scale = _METRIC_AXES[metric]
+        if metric == "target_rank":
+            z = np.log10(z + 1)
+        elif scale == "log":
+            z = np.log10(np.clip(z, 1e-6, None))
+        k = self.top_ids.shape[-1]
+        hover = []
+        for r, lab in enumerate(self.labels):
+            line = []
+            for c, row in enumerate(rows.tolist()):
+                tops = "<br>".join(
+                    f"{visible_token(self._str(int(self.top_ids[r, row, j])))} {float(self.top_probs[r, row, j]):.3f}" for j in range(k)
+                )
+                rank = int(self.target_rank[r, row])
+                line.append(
+                    f"readout {lab}, pos {int(self.pos[row])} ({visible_token(self._str(int(self.token[row])))})<br>"
+                    f"KL {float(self.kl_to_final[r, row]):.4g} nats, entropy {float(self.entropy[r, row]):.4g} nats<br>"
+                    f"target {visible_token(self._str(int(self.target[row])))}: "
+                    + (f"rank {rank}, log p {float(self.target_logprob[r, row]):.4g}" if rank >= 0 else "none")
+                    + f"<br>top-{k}:<br>{tops}"
+                )
+            hover.append(line)
+        title = label + (" (log10)" if scale == "log" else "")
+        fig = go.Figure(go.Heatmap(
+            z=z, x=[f"{int(self.pos[r])}:{visible_token(self._str(int(self.token[r])))}" for r in rows.tolist()],
+            y=self.labels, text=hover, hoverinfo="text", hovertemplate="%{text}<extra></extra>",
+            colorscale="Viridis", reversescale=metric in ("kl_to_final", "entropy", "target_rank"),
+            colorbar=dict(title=title),
+        ))
+        fig.update_layout(title=f"{'tuned' if self.translated else 'logit'} lens, prompt {prompt}: {_METRIC_TITLES[metric]}",
+                          xaxis_title="input token", yaxis_title="readout")
+        return fig
+
+
+_METRIC_AXES = {
+    "kl_to_final": ("KL(final ‖ readout) [nats]", "log"),
+    "entropy": ("entropy [nats]", "linear"),
+    "target_logprob": ("log p(target) [nats]", "linear"),
+    "target_rank": ("1 + rank of the target (1 = top-1)", "log"),
+    "top1_prob": ("top-1 probability", "linear"),
+}
+_METRIC_TITLES = {
+    "kl_to_final": "KL to the final distribution", "entropy": "entropy", "target_logprob": "target log-probability",
+    "target_rank": "rank of the target", "top1_prob": "top-1 probability",
+}
 
 
 # ---------------------------------------------------------------------------- reader

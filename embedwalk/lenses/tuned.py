@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -308,21 +308,17 @@ def train_tuned_lens(
     else:
         raise EmbedwalkError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     trainer = TunedLensTrainer(lens, opt, step_tokens=step_tokens, seed=seed)
+    from embedwalk.progress import progress_scope
+
     history: list[float] = []
-    for _ in _epoch_bar(epochs, progress):
-        (train_kl,) = run(model, texts, readers=[trainer], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
-        history += trainer.history
-        trainer.history = []
+    n_texts = 1 if isinstance(texts, str) else (texts.shape[0] if texts.ndim > 1 else 1) if isinstance(texts, Tensor) else len(texts)
+    with progress_scope(epochs * n_texts, f"train_tuned_lens ({epochs} epoch{'s' if epochs > 1 else ''})", progress=progress):
+        for _ in range(epochs):
+            (train_kl,) = run(model, texts, readers=[trainer], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
+            history += trainer.history
+            trainer.history = []
     lens.meta.update({"train_kl": train_kl, "history": history, "optimizer": optimizer, "lr": lr, "epochs": epochs, "step_tokens": step_tokens})
     return lens
-
-
-def _epoch_bar(epochs: int, progress: Optional[bool]) -> Iterable[int]:
-    if epochs > 1 and progress is not False:
-        from tqdm.auto import tqdm
-
-        return tqdm(range(epochs), desc="tuned lens epochs")
-    return range(epochs)
 
 
 # ---------------------------------------------------------------------------- text

@@ -190,21 +190,53 @@ class HeadPriorityResult:
         return df
 
     def plot(self, metric: str = "ratio", ax=None):
-        """Heatmap layer x head of ``metric`` (ratio: 1 = no preference over uniform)."""
+        """Heatmap layer x head of ``metric``. ``ratio`` (attention mass on the predicted
+        top-priority tokens / what uniform aggregation would give them) uses a diverging colour
+        map centred on 1 with log-symmetric limits, so preference (> 1, red) and avoidance
+        (< 1, blue) read alike; heads with no scored position are hatched."""
         import matplotlib.pyplot as plt
+
+        from embedwalk.figures import mark_missing, ratio_norm
 
         if metric not in self.scores:
             raise KeyError(f"unknown metric {metric!r}; choose from {sorted(self.scores)}")
-        values = self.scores[metric].numpy()
-        if ax is None:
-            _, ax = plt.subplots(figsize=(0.45 * values.shape[1] + 2.5, 0.35 * values.shape[0] + 1.8))
-        im = ax.imshow(values, aspect="auto", cmap="viridis")
+        values = self.scores[metric].double().numpy()
+        own = ax is None
+        if own:
+            _, ax = plt.subplots(figsize=(0.42 * values.shape[1] + 3.2, 0.24 * values.shape[0] + 1.8))
+        missing = ~np.isfinite(values)
+        if metric == "ratio":
+            im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="RdBu_r", norm=ratio_norm(values))
+        else:
+            im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="viridis")
+        hatched = mark_missing(ax, missing)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_yticks(range(len(self.layers)), self.layers)
-        ax.set_title(f"token-priority {metric}")
-        ax.figure.colorbar(im, ax=ax)
+        step = max(1, -(-len(self.layers) // 32))
+        ax.set_yticks(range(0, len(self.layers), step), self.layers[::step], fontsize=7)
+        ax.set_xticks(range(values.shape[1]), range(values.shape[1]), fontsize=7)
+        ax.set_title(f"token priority per head: {metric}", fontsize=9)
+        label = _PRIORITY_LABELS.get(metric, metric) + ("\nhatched: no scored position" if hatched else "")
+        cb = ax.figure.colorbar(im, ax=ax, pad=0.02)
+        cb.set_label(label, fontsize=8)
+        if metric == "ratio":
+            from matplotlib.ticker import FuncFormatter
+
+            cb.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            cb.ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (0.5, 2, 3, 5) else ""))
+        if own:
+            ax.figure.tight_layout()
         return ax.figure
+
+
+_PRIORITY_LABELS = {
+    "ratio": "mass on priority tokens / uniform\n(1 = no preference; log scale)",
+    "mass": "attention mass on priority tokens",
+    "uniform": "uniform-aggregation mass on them",
+    "difference": "mass - uniform mass",
+    "spread": "spread within priority tokens",
+    "n_positions": "scored query positions",
+}
 
 
 def score_heads(
