@@ -145,3 +145,14 @@ def test_interactive_views_need_plotly_or_say_so(lens, tiny_arch):
     for j, label in enumerate(walk.labels):
         assert f"point {label}<br>" in wfig.data[0].text[j]
     del wdf
+
+
+def test_association_bias_colour_bars_have_units(tiny_arch):
+    from embedwalk.association.measure import association_bias
+
+    res = association_bias(tiny_arch, TEXTS)
+    fig = res.plot()
+    assert isinstance(fig.axes[0].images[0].norm, LogNorm)
+    labels = [a.get_ylabel() for a in fig.axes[2:]]
+    assert any("distance to uniform" in s for s in labels) and any("uniform" in s and "own position" in s for s in labels)
+    plt.close(fig)
