@@ -66,9 +66,20 @@ def progress_bar(iterable: Optional[Iterable] = None, *, total: Optional[int] = 
     outer = _AMBIENT.get()
     if progress is False or outer is SILENT:
         return _NoBar(iterable)
-    from tqdm.auto import tqdm
-
+    tqdm = _tqdm_class()
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=outer is None, dynamic_ncols=True)
+
+
+def _tqdm_class():
+    """tqdm's notebook widget where ipywidgets is installed, its text bar otherwise (tqdm.auto
+    would warn "IProgress not found" in every notebook without ipywidgets)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm
 
 
 @contextmanager

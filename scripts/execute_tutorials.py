@@ -21,12 +21,24 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
+NOISE = ("TqdmWarning", "Converting and de-quantizing", "Loading weights")
+
+
+def strip_noise(nb) -> None:
+    """Drop stderr streams that are environment noise (library warnings, loading bars)."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.get("outputs", []) if not (
+                o.get("output_type") == "stream" and o.get("name") == "stderr" and any(n in "".join(o.get("text", "")) for n in NOISE))]
+
+
 def execute(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     from datetime import datetime
 
+    strip_noise(nb)
     for cell in nb.cells:  # run-specific noise out of the committed file; long cells reported
         ex = cell.get("metadata", {}).pop("execution", None)
         if ex and "iopub.execute_input" in ex and "shell.execute_reply" in ex:
