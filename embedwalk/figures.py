@@ -51,6 +51,18 @@ def log_norm(values: np.ndarray, *, floor: Optional[float] = None, vmax: Optiona
     return LogNorm(vmin=lo, vmax=hi, clip=True)
 
 
+def plain_ticks(cbar) -> None:
+    """Label a log-scaled colour bar with plain numbers (0.3, 1, 3) instead of 3 x 10^-1."""
+    from matplotlib.ticker import FuncFormatter
+
+    cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    def minor(v, _):
+        lead = round(v / 10 ** np.floor(np.log10(v))) if v > 0 else 0
+        return f"{v:g}" if lead in (2, 3, 5) else ""
+
+    cbar.ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
 def ratio_norm(values: np.ndarray):
     """A diverging norm centred on 1 for ratios: log-symmetric limits (a ratio of 4 and of
     1/4 get equally strong colours), so 1 is always the neutral middle colour."""

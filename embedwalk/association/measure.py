@@ -126,12 +126,12 @@ class AssociationBias:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
-        from embedwalk.figures import log_norm
+        from embedwalk.figures import log_norm, plain_ticks
 
         d = self.distance.double().numpy()
         im = axes[0].imshow(d, aspect="auto", cmap="viridis", norm=log_norm(d))  # a few heads reach 10x the rest
         axes[0].set(title="‖z − z_uniform‖ / ‖z‖", xlabel="head", ylabel="layer")
-        fig.colorbar(im, ax=axes[0], label="relative distance to uniform aggregation (log scale)")
+        plain_ticks(fig.colorbar(im, ax=axes[0], label="relative distance to uniform aggregation (log scale)"))
         lim = float(self.self_bias.abs().max()) or 1.0
         im = axes[1].imshow(self.self_bias.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
         axes[1].set(title=f"self bias (attention to self − {self.self_uniform:.3f})", xlabel="head", ylabel="layer")

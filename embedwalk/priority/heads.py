@@ -196,7 +196,7 @@ class HeadPriorityResult:
         (< 1, blue) read alike; heads with no scored position are hatched."""
         import matplotlib.pyplot as plt
 
-        from embedwalk.figures import mark_missing, ratio_norm
+        from embedwalk.figures import mark_missing, plain_ticks, ratio_norm
 
         if metric not in self.scores:
             raise KeyError(f"unknown metric {metric!r}; choose from {sorted(self.scores)}")
@@ -220,10 +220,7 @@ class HeadPriorityResult:
         cb = ax.figure.colorbar(im, ax=ax, pad=0.02)
         cb.set_label(label, fontsize=8)
         if metric == "ratio":
-            from matplotlib.ticker import FuncFormatter
-
-            cb.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            cb.ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (0.5, 2, 3, 5) else ""))
+            plain_ticks(cb)
         if own:
             ax.figure.tight_layout()
         return ax.figure
