@@ -720,6 +720,9 @@ class ModelAdapter:
                     f"{token!r} is {ids.numel()} tokens {pieces}, not one; pass a single-token "
                     "string (often with a leading space, e.g. ' Paris') or a token id"
                 )
+            from embedwalk.inputs import refuse_unknown
+
+            refuse_unknown(self, token, ids, what="token")
             return int(ids[0])
         raise EmbedwalkError(f"a token must be an int id or a one-token string, got {token!r}")
 

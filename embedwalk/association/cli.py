@@ -40,7 +40,9 @@ def _sweep(args) -> int:
     if args.csv:
         table.to_csv(args.csv, index=False)
     if args.plot:
-        res.plot().savefig(args.plot, dpi=120)
+        from embedwalk.figures import save_figure
+
+        save_figure(res.plot(), args.plot)
     return 0
 
 
@@ -54,7 +56,9 @@ def _measure(args) -> int:
     if args.csv:
         df.to_csv(args.csv, index=False)
     if args.plot:
-        res.plot().savefig(args.plot, dpi=120)
+        from embedwalk.figures import save_figure
+
+        save_figure(res.plot(), args.plot)
     return 0
 
 
@@ -72,7 +76,9 @@ def _retrain(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res.to_json(), indent=1))
     if args.plot:
-        res.plot().savefig(args.plot, dpi=120)
+        from embedwalk.figures import save_figure
+
+        save_figure(res.plot(), args.plot)
     return 0
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
@@ -102,6 +103,7 @@ class AssociationReader(Reader):
         )
 
 
+@summary_repr
 @dataclass
 class AssociationBias:
     """Per layer and head, averaged over valid query positions.
@@ -126,6 +128,12 @@ class AssociationBias:
     n_tokens: int
     self_uniform_by_layer: Optional[Float[Tensor, "layer"]] = None
 
+    def _headline(self) -> list[str]:
+        L, Hh = self.distance.shape
+        return [f"{L} layers x {Hh} heads over {self.n_tokens} tokens: distance to uniform mean "
+                f"{float(self.distance.mean()):.3f}, cosine mean {float(self.cosine.mean()):.3f}, self-attention mean "
+                f"{float(self.self_attention.mean()):.3f} (uniform {self.self_uniform:.3f})"]
+
     @property
     def self_bias(self) -> Float[Tensor, "layer head"]:
         if self.self_uniform_by_layer is None:
@@ -148,13 +156,16 @@ class AssociationBias:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
-        im = axes[0].imshow(self.distance.numpy(), aspect="auto", cmap="viridis")
+        from embedwalk.figures import log_norm, plain_ticks
+
+        d = self.distance.double().numpy()
+        im = axes[0].imshow(d, aspect="auto", cmap="viridis", norm=log_norm(d))  # a few heads reach 10x the rest
         axes[0].set(title="‖z − z_uniform‖ / ‖z‖", xlabel="head", ylabel="layer")
-        fig.colorbar(im, ax=axes[0])
+        plain_ticks(fig.colorbar(im, ax=axes[0], label="relative distance to uniform aggregation (log scale)"))
         lim = float(self.self_bias.abs().max()) or 1.0
         im = axes[1].imshow(self.self_bias.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
         axes[1].set(title=f"self bias (attention to self − {self.self_uniform:.3f})", xlabel="head", ylabel="layer")
-        fig.colorbar(im, ax=axes[1])
+        fig.colorbar(im, ax=axes[1], label="attention weight on own position − uniform (< 0: avoids self)")
         return fig
 
 
@@ -220,6 +231,7 @@ def _passes(adapter, tokens, mask, writers, batch_size) -> list[_Pass]:
     return out
 
 
+@summary_repr
 @dataclass
 class SwapEffect:
     """What swapping ``targets`` for uniform aggregation did to the model's predictions."""
@@ -298,6 +310,7 @@ def downstream(
     return _compare(targets, orig, _passes(adapter, tokens, mask, [swap], batch_size))
 
 
+@summary_repr
 @dataclass
 class SweepResult:
     """One row per swap: ``unit`` is 'all', 'layer' or 'head'."""
@@ -306,6 +319,16 @@ class SweepResult:
     units: list[str] = field(default_factory=list)
     n_layers: int = 0
     n_heads: int = 0
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        if not self.effects:
+            return ["no swaps"]
+        df = self.table
+        counts = df.unit.value_counts().to_dict()
+        return [f"{len(df)} swaps ({', '.join(f'{v} {k}' for k, v in counts.items())}) on {self.n_layers} layers x {self.n_heads} heads; "
+                "largest KL first:"] + table_lines(df.sort_values("kl", ascending=False), max_rows=8)
 
     @property
     def table(self):
@@ -342,12 +365,20 @@ class SweepResult:
         fig, axes = plt.subplots(1, 1 + has_heads, figsize=(5 + 5 * has_heads, 4.5), constrained_layout=True, squeeze=False)
         ax = axes[0, 0]
         ax.bar(layers.layer, layers[metric])
-        ax.set(title=f"{metric}: one layer swapped", xlabel="layer", ylabel=metric)
+        ax.set(title=f"{metric}: one layer swapped", xlabel="layer", ylabel=_SWEEP_UNITS.get(metric, metric))
         if has_heads:
             im = axes[0, 1].imshow(heads.numpy(), aspect="auto", cmap="magma")
             axes[0, 1].set(title=f"{metric}: one head swapped", xlabel="head", ylabel="layer")
-            fig.colorbar(im, ax=axes[0, 1])
+            fig.colorbar(im, ax=axes[0, 1], label=_SWEEP_UNITS.get(metric, metric))
         return fig
+
+
+_SWEEP_UNITS = {
+    "delta_loss": "Δ loss, swapped − original [nats/token]",
+    "kl": "KL(original ‖ swapped) [nats]",
+    "top1_agreement": "top-1 agreement with the original (fraction)",
+    "composite_cosine": "cosine of final residuals (original, swapped)",
+}
 
 
 def sweep(

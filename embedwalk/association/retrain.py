@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.errors import EmbedwalkError
 
 __all__ = ["RetrainConfig", "RetrainResult", "retrain", "prose_corpus", "encode_corpus", "uniform_attention", "build_model"]
@@ -152,6 +153,7 @@ def build_model(cfg: RetrainConfig, vocab: int, *, uniform: bool):
 
 
 # --------------------------------------------------------------------------- training
+@summary_repr
 @dataclass
 class RetrainResult:
     """Validation-loss curves (nats per token) of the two runs at the same steps."""
@@ -163,6 +165,12 @@ class RetrainResult:
     train_uniform: list[float] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        if not self.steps:
+            return ["no evaluation steps"]
+        return [f"{len(self.steps)} evaluations up to step {self.steps[-1]}; final validation loss (nats/token): "
+                f"standard {self.standard[-1]:.4f}, uniform {self.uniform[-1]:.4f}, gap {self.gap:+.4f}"]
 
     @property
     def gap(self) -> float:
@@ -210,7 +218,7 @@ def _evaluate(model, val: Tensor, batch: int) -> float:
     return total / count
 
 
-def _train(cfg, vocab, train, val, order, *, uniform, device, log):
+def _train(cfg, vocab, train, val, order, *, uniform, device, log, bar):
     model = build_model(cfg, vocab, uniform=uniform).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
@@ -233,6 +241,7 @@ def _train(cfg, vocab, train, val, order, *, uniform, device, log):
         opt.step()
         sched.step()
         train_curve.append(loss.item())
+        bar.update(1)
     return steps, curve, train_curve
 
 
@@ -242,13 +251,17 @@ def retrain(
     text: Optional[str] = None,
     device: Optional[str] = None,
     verbose: bool = False,
+    progress: Optional[bool] = None,
     **overrides,
 ) -> RetrainResult:
     """Train standard and uniform-aggregation models on the same text; return both curves.
 
     ``config`` or keyword overrides (``steps=..., d_model=...``) set the size; ``text``
-    defaults to :func:`prose_corpus`. The last 10% of the token stream is held out.
+    defaults to :func:`prose_corpus`. The last 10% of the token stream is held out. A progress
+    bar counts the training steps of both runs (``progress=False`` silences it).
     """
+    from embedwalk.progress import progress_bar
+
     from embedwalk.models import default_device
 
     cfg = config or RetrainConfig()
@@ -272,10 +285,12 @@ def retrain(
     log = print if verbose else (lambda *_: None)
     log(f"{len(ids)} tokens, vocab {vocab}, {len(train)} train / {len(val)} val windows of {cfg.ctx}")
     out, secs = {}, {}
+    bar = progress_bar(total=2 * cfg.steps, desc="retrain (standard, then uniform)", unit="step", progress=progress)
     for uniform in (False, True):
         t0 = time.perf_counter()
-        out[uniform] = _train(cfg, vocab, train, val, order, uniform=uniform, device=device, log=log)
+        out[uniform] = _train(cfg, vocab, train, val, order, uniform=uniform, device=device, log=log, bar=bar)
         secs["uniform" if uniform else "standard"] = time.perf_counter() - t0
+    bar.close()
     steps, std, std_train = out[False]
     _, uni, uni_train = out[True]
     info = asdict(cfg) | {"vocab": vocab, "tokens": len(ids), "tokenizer_info": tok_info["tokenizer"], "device": str(device)}

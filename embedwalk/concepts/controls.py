@@ -23,6 +23,7 @@ in-memory data.
 
 from __future__ import annotations
 
+from embedwalk._summary import summary_repr
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -117,6 +118,7 @@ def _frame(**cols) -> pd.DataFrame:
     return pd.DataFrame(cols).rename_axis("score").reset_index()
 
 
+@summary_repr
 @dataclass
 class PermutationResult:
     """``real`` score, ``null[i]`` the score on the i-th group-shuffled labelling."""
@@ -124,6 +126,12 @@ class PermutationResult:
     real: np.ndarray
     null: np.ndarray
     p_value: np.ndarray
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import describe
+
+        return [f"real {describe(self.real)}; null mean {describe(self.null.mean(0))} over {self.n_perm} permutations; "
+                f"p {describe(self.p_value)}"]
 
     @property
     def n_perm(self) -> int:
@@ -151,6 +159,7 @@ def permutation_test(
     return PermutationResult(real, null, permutation_p_value(real, null))
 
 
+@summary_repr
 @dataclass
 class ControlTaskResult:
     """Real score against control-task scores.  ``p_value`` asks whether the real
@@ -158,6 +167,12 @@ class ControlTaskResult:
 
     real: np.ndarray
     control_scores: np.ndarray
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import describe
+
+        return [f"real {describe(self.real)}; control {describe(self.control)}; selectivity {describe(self.selectivity)}; "
+                f"p {describe(self.p_value)} ({self.control_scores.shape[0]} control tasks)"]
 
     @property
     def control(self) -> np.ndarray:

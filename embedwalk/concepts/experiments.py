@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.run import Context, Reader, Writer, run
@@ -61,6 +62,7 @@ __all__ = [
 # --------------------------------------------------------------------------- concept tables
 
 
+@summary_repr
 @dataclass
 class ConceptTable:
     """Words with concept features.
@@ -213,6 +215,7 @@ def _overall(r2: np.ndarray, sst: np.ndarray) -> float:
     return float(1 - ((1 - r2) * sst).sum() / sst.sum())
 
 
+@summary_repr
 @dataclass
 class TokenRegressionResult:
     """Held-out R² of ridge maps between word vectors and concept features.
@@ -225,6 +228,13 @@ class TokenRegressionResult:
     table: pd.DataFrame
     n_perm: int
     meta: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        df = self.table[self.table.target == "all"]
+        cols = [c for c in ("concept", "kind", "direction", "n", "cv_r2", "null_mean", "null_q95", "p_value") if c in df]
+        return [f"held-out R² (all targets) of {len(df)} maps, {self.n_perm} permutations:"] + table_lines(df[cols], max_rows=16)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.table.copy()
@@ -259,20 +269,27 @@ def token_regression(
     n_perm: int = 50,
     n_folds: int = 5,
     seed: int = 0,
+    progress: Optional[bool] = None,
 ) -> TokenRegressionResult:
     """(a) Ridge maps between words' token vectors and their concept features.
 
     ``features_to_vectors`` asks how much of the vectors' variance a sum of concept
     vectors explains (the theory's "vector = sum of concepts"); ``vectors_to_features``
     reads each feature off the vectors. Folds are by group (a lemma and its inflection
-    never straddle train and test); the null permutes features across words.
+    never straddle train and test); the null permutes features across words. A progress bar
+    counts the maps (concept x kind x direction, each with its ``n_perm`` null fits);
+    ``progress=False`` silences it.
     """
+    from embedwalk.progress import progress_bar
+
     bad = [d for d in directions if d not in ("features_to_vectors", "vectors_to_features")]
     if bad:
         raise EmbedwalkError(f"unknown directions {bad}; use features_to_vectors / vectors_to_features")
     rng = np.random.default_rng(seed)
     rows = []
-    for table in _tables(concepts):
+    tables = list(_tables(concepts))
+    bar = progress_bar(total=len(tables) * len(kinds) * len(directions), desc="token_regression", unit="map", progress=progress)
+    for table in tables:
         folds = group_folds(table.group, n_folds, seed)
         feats = torch.tensor(table.features.to_numpy(), dtype=torch.float64)
         word_ids = np.arange(len(table))
@@ -305,6 +322,8 @@ def token_regression(
                         null_q95=float(np.quantile(nl, 0.95)),
                         p_value=float(permutation_p_value(r, nl)),
                     ))
+                bar.update(1)
+    bar.close()
     return TokenRegressionResult(pd.DataFrame(rows), n_perm, {"n_folds": n_folds, "seed": seed})
 
 
@@ -313,6 +332,7 @@ def token_regression(
 DEFAULT_TEMPLATES = ("The word is {}", "I wrote down {}", "She kept thinking about {}")
 
 
+@summary_repr
 @dataclass
 class LayerProbeResult:
     """Held-out probe accuracy per concept and readout point, with controls.
@@ -325,6 +345,17 @@ class LayerProbeResult:
     table: pd.DataFrame
     points: list[str]
     meta: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        df = self.table[self.table.model == "trained"]
+        if df.empty:
+            return [f"{len(self.points)} points, no trained-model rows"]
+        best = df.loc[df.groupby("concept", sort=False)["real"].idxmax()]
+        cols = [c for c in ("concept", "point", "real", "real_p", "control", "selectivity", "chance") if c in best]
+        return [f"probe accuracy at {len(self.points)} points ({self.points[0]} .. {self.points[-1]}); "
+                "best point per concept (trained model):"] + table_lines(best[cols], max_rows=16)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.table.copy()
@@ -403,6 +434,8 @@ def layer_probes(
     type (a word keeps its label across templates). ``random_baseline`` repeats the run
     on :func:`random_copy` (seed ``seed``).
     """
+    from embedwalk.progress import progress_bar
+
     a = adapt(model)
     tables = _tables(concepts)
     for tpl in templates:
@@ -416,6 +449,7 @@ def layer_probes(
     rows = []
     for tag, m in models:
         (vecs,) = run(m, texts, readers=[PointsReader()], batch_size=batch_size, progress=progress)
+        bar = progress_bar(total=len(tables) * len(keep), desc=f"layer_probes ({tag} model): probes", unit="probe", progress=progress)
         for table, span in zip(tables, spans):
             k = len(templates)
             y = np.repeat(table.label, k)
@@ -435,6 +469,8 @@ def layer_probes(
                     extra = dict(real=float(score(y)))
                 rows.append(dict(concept=table.name, model=tag, point=labels_all[idx], index=idx,
                                  n=len(y), chance=chance, **extra))
+                bar.update(1)
+        bar.close()
         del vecs
     meta = dict(method=method, templates=list(templates), n_perm=n_perm, n_control=n_control)
     return LayerProbeResult(pd.DataFrame(rows), [labels_all[i] for i in keep], meta)
@@ -521,6 +557,7 @@ def continuation_logprobs(
 # --------------------------------------------------------------------------- (c, d) multiple choice
 
 
+@summary_repr
 @dataclass
 class MultipleChoiceResult:
     """Accuracies of every scoring method on a multiple-choice set.
@@ -541,6 +578,11 @@ class MultipleChoiceResult:
     reduction: str
     n_options: int
     meta: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        return [f"{len(self.items)} items, {self.n_options} options each; accuracy by method:"] + table_lines(self.summary()[["method", "accuracy"]], max_rows=16)
 
     def accuracy(self, method: str) -> float:
         return (self.scores[method].argmax(-1) == self.gold).float().mean().item()
@@ -669,12 +711,24 @@ def multiple_choice(
     gen_layer = gen_layer + n_points if gen_layer < 0 else gen_layer
     if not (0 <= layer < n_points and 0 <= gen_layer < n_points):
         raise EmbedwalkError(f"layer / gen_layer must lie in 0..{n_points - 1} (0 = embedding)")
-    t0 = time.perf_counter()
-    # One pass encodes every distinct segment, question and option alone.
+    from embedwalk.progress import progress_scope
+
     texts: dict[str, int] = {}
     for it in items:
         for s in list(it["context"]) + [it["question"]] + list(it["options"]):
             texts.setdefault(s, len(texts))
+    # One bar, one ETA, for the segment pass and every scoring pass (prompts forwarded).
+    total = len(texts) + len(methods) * len(items) * len(items[0]["options"])
+    with progress_scope(total, f"multiple_choice ({len(items)} items)", progress=progress):
+        return _multiple_choice(a, model, items, texts, layer=layer, reduction=reduction, reductions=reductions,
+                                gen_layer=gen_layer, include_question=include_question, methods=methods,
+                                batch_size=batch_size, progress=progress, n_points=n_points)
+
+
+def _multiple_choice(a, model, items, texts, *, layer, reduction, reductions, gen_layer, include_question, methods,
+                     batch_size, progress, n_points) -> MultipleChoiceResult:
+    t0 = time.perf_counter()
+    # One pass encodes every distinct segment, question and option alone.
     (seg,) = run(model, list(texts), readers=[SegmentReader(reductions)], batch_size=batch_size,
                  progress=progress)
     gold = torch.tensor([int(it["answer"]) for it in items])

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.run import Context, Reader, run
@@ -59,6 +60,7 @@ def _bos_id(adapter: ModelAdapter) -> Optional[int]:
 # --------------------------------------------------------------------------- token vectors
 
 
+@summary_repr
 @dataclass
 class TokenVectors:
     """One vector per word: ``vectors[i]`` is the mean over ``token_ids[i]``."""
@@ -135,6 +137,7 @@ def reduce_positions(
 # --------------------------------------------------------------------------- readers
 
 
+@summary_repr
 @dataclass
 class LayerVectors:
     """``vectors[i, k]``: prompt i at readout point k (``points[k]``: 'embed', '0', '1', ...)."""

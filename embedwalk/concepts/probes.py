@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from .stats import (
     ACC,
     FORMAT_VERSION,
@@ -77,6 +78,7 @@ def _unpack(batch) -> tuple[Tensor, Tensor, Any]:
 # --------------------------------------------------------------------------- result
 
 
+@summary_repr
 @dataclass
 class LinearProbe:
     """``logits = x @ weight.T + bias``; ``predict`` is the arg-max class."""
@@ -87,6 +89,9 @@ class LinearProbe:
     class_names: list[str] | None = None
     counts: Float[Tensor, " c"] | None = None
     meta: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        return [f"{self.kind} probe: {self.n_features} features -> {self.n_classes} classes"]
 
     @property
     def n_classes(self) -> int:
@@ -364,6 +369,7 @@ def _names(class_names):
 # --------------------------------------------------------------------------- cross-validation
 
 
+@summary_repr
 @dataclass
 class ProbeCV:
     """Held-out accuracy of a probe over group folds.
@@ -378,6 +384,11 @@ class ProbeCV:
     probe: LinearProbe
     fold_probes: dict[int, LinearProbe]
     confusion: Int[Tensor, "k c c"]
+
+    def _headline(self) -> list[str]:
+        acc = self.fold_accuracy
+        return [f"{self.method} probe, {acc.numel()} folds, {int(self.fold_n.sum())} held-out rows: "
+                f"accuracy mean {float(acc.mean()):.3f} (folds {float(acc.min()):.3f}..{float(acc.max()):.3f})"]
 
     @property
     def fold_n(self) -> Tensor:

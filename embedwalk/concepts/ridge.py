@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from .stats import ACC, FORMAT_VERSION, FoldedStats, MomentStats, load_tensors, save_tensors
 
 __all__ = ["RidgeFit", "fit_ridge", "ridge_path", "heldout_sse", "default_alphas"]
@@ -94,6 +95,7 @@ def ridge_path(
     return coefs, solver.mean_y - solver.mean_x @ coefs
 
 
+@summary_repr
 @dataclass
 class RidgeFit:
     """A ridge regression ``y ≈ x @ coef + intercept`` with its cross-validation record.
@@ -120,6 +122,16 @@ class RidgeFit:
     target_names: list[str] | None = None
     feature_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
+
+    def _headline(self) -> list[str]:
+        out = [f"ridge map: {self.n_features} features -> {self.n_targets} targets, n={self.n}"]
+        if self.cv_r2 is not None:
+            r2 = self.cv_r2.double()
+            out.append(f"held-out R²: overall {self.cv_r2_overall:.4g}; per target min {float(r2.min()):.4g}, "
+                       f"median {float(r2.median()):.4g}, max {float(r2.max()):.4g}")
+        tr = self.train_r2.double()
+        out.append(f"train R²: mean {float(tr.mean()):.4g}; alpha {float(self.alpha.min()):.3g}..{float(self.alpha.max()):.3g}")
+        return out
 
     @property
     def n_features(self) -> int:

@@ -6,6 +6,7 @@ module that exists gets ``add_lens_subparsers(lens_subparsers)`` called.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
 from embedwalk.models import add_model_arguments, model_from_args
@@ -31,7 +32,9 @@ def _logit(args) -> int:
     shown = df if args.last else df[df.pos == df.groupby("prompt").pos.transform("max")]
     print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.plot:
-        res.plot(args.metric).savefig(args.plot, dpi=120)
+        from embedwalk.figures import save_figure
+
+        save_figure(res.plot(args.metric), args.plot)
         print(f"saved figure to {args.plot}")
     return 0
 
@@ -49,13 +52,17 @@ def _tuned_train(args) -> int:
         train, heldout = paragraphs[:cut], paragraphs[cut:]
     else:
         train, heldout = sample_text("train"), sample_text("heldout")
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    lens = train_tuned_lens(model, train, layers=layers, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, step_tokens=args.step_tokens)
+    if args.layers is not None:
+        from embedwalk.lenses.logit import refuse_layers
+
+        refuse_layers("`embedwalk lens tuned-train` (use --readouts)", args.layers)
+    readouts = [int(x) if x.lstrip("-").isdigit() else x for x in args.readouts.split(",")] if args.readouts else None
+    lens = train_tuned_lens(model, train, readouts=readouts, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, step_tokens=args.step_tokens)
     lens.save(args.out)
     print(f"saved tuned lens to {args.out}")
     if heldout:
-        plain = logit_lens(model, heldout, layers=layers).layer_means()
-        tuned = logit_lens(model, heldout, layers=layers, translator=lens)
+        plain = logit_lens(model, heldout, readouts=readouts).layer_means()
+        tuned = logit_lens(model, heldout, readouts=readouts, translator=lens)
         print("held-out mean KL(final || readout), nats:")
         for label, a, b in zip(tuned.labels, plain.tolist(), tuned.layer_means().tolist()):
             print(f"  {label:>6}  logit {a:8.3f}   tuned {b:8.3f}")
@@ -85,7 +92,8 @@ def add_subparser(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--text-file", default=None, help="UTF-8 text, paragraphs separated by blank lines (default: embedwalk's sample prose)")
     p.add_argument("--out", required=True, help="folder to write tuned_lens.safetensors + config.json")
-    p.add_argument("--layers", default=None, help="comma-separated readout indices to train (default: all)")
+    p.add_argument("--readouts", default=None, help="comma-separated readout indices (0 = embedding, l+1 = output of block l) or labels to train (default: all)")
+    p.add_argument("--layers", default=None, help=argparse.SUPPRESS)  # renamed --readouts: refused with a message
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])

@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import tokenize
@@ -61,6 +63,7 @@ def filter_logits(logits: Float[Tensor, "vocab"], top_k: Optional[int], top_p: O
     return out
 
 
+@summary_repr
 @dataclass
 class DecodingWalk:
     """One generation, step by step.
@@ -82,6 +85,15 @@ class DecodingWalk:
     token_strs: dict[int, str] = field(default_factory=dict)
     token_vectors: Optional[Float[Tensor, "step d_model"]] = field(default=None, repr=False)
     stopped_at_eos: bool = False
+
+    def _headline(self) -> list[str]:
+        n = len(self.chosen)
+        if n == 0:
+            return ["no tokens generated"]
+        stop = " (stopped at EOS)" if self.stopped_at_eos else ""
+        return [f"{len(self.prompt_tokens)} prompt tokens, {n} generated{stop}: {self.text[:70]!r}",
+                f"path log-prob {float(self.path_logprob[-1]):.3f} nats; step prob min {float(self.prob.min()):.3f}, "
+                f"mean {float(self.prob.mean()):.3f}; {len(self.readout_labels)} readouts per step"]
 
     @property
     def prob(self) -> Float[Tensor, "step"]:
@@ -129,10 +141,13 @@ class DecodingWalk:
         ))
 
     def plot(self, ax=None):
-        """The walk: context vectors (a path) and the chosen tokens' unembedding vectors (stars),
-        PCA-projected to 2-D on their directions; a dashed line joins each context vector to the
-        token it chose."""
+        """The walk: context vectors (a path, coloured by step) and the chosen tokens'
+        unembedding vectors (stars), PCA-projected to 2-D on their directions; a dashed line
+        joins each context vector to the token it chose. Labels (``step: token``, whitespace
+        shown as ``␣`` / ``\\n``) are placed without overlap."""
         import matplotlib.pyplot as plt
+
+        from embedwalk.figures import place_labels, visible_token
 
         if len(self.chosen) == 0:
             raise EmbedwalkError("this walk generated no tokens, so there is nothing to plot")
@@ -140,20 +155,37 @@ class DecodingWalk:
         tok = directions(self.token_vectors)
         xy, ratio = pca_2d(torch.cat([ctx, tok]))
         c_xy, t_xy = xy[: len(ctx)], xy[len(ctx) :]
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(7, 5.5))
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(7.5, 5.8))
         else:
             fig = ax.figure
-        ax.plot(c_xy[:, 0], c_xy[:, 1], "-o", color="tab:blue", ms=4, lw=1, label="context vector")
-        ax.scatter(t_xy[:, 0], t_xy[:, 1], marker="*", s=80, color="tab:red", label="chosen token (W_U)", zorder=3)
-        for i in range(len(ctx)):
-            ax.plot([c_xy[i, 0], t_xy[i, 0]], [c_xy[i, 1], t_xy[i, 1]], "--", color="0.7", lw=0.7)
-            ax.annotate(f"{i}:{short(self._s(self.chosen[i]), 10)}", t_xy[i], fontsize=7, color="tab:red",
-                        xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% var)")
-        ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% var)")
-        ax.set_title(f"decoding walk: '{short(self.text, 40)}'  (path log-prob {float(self.path_logprob[-1]):.2f})", fontsize=9)
-        ax.legend(fontsize=8)
+        n = len(ctx)
+        for i in range(n):
+            ax.plot([c_xy[i, 0], t_xy[i, 0]], [c_xy[i, 1], t_xy[i, 1]], "--", color="0.75", lw=0.7, zorder=1)
+        ax.plot(c_xy[:, 0], c_xy[:, 1], "-", color="tab:blue", lw=1, zorder=2)
+        from matplotlib.colors import ListedColormap
+
+        blues = ListedColormap(plt.get_cmap("Blues")(np.linspace(0.3, 1.0, 256)))  # the first step stays visible
+        sc = ax.scatter(c_xy[:, 0], c_xy[:, 1], c=range(n), cmap=blues, vmin=0, vmax=max(n - 1, 1), s=30, zorder=3,
+                        edgecolors="k", linewidths=0.3, label="context vector (final residual, last position)")
+        ax.scatter(t_xy[:, 0], t_xy[:, 1], marker="*", s=110, color="tab:red", edgecolors="k", linewidths=0.3,
+                   label="chosen token's unembedding vector", zorder=3)
+        cb = fig.colorbar(sc, ax=ax, pad=0.02)
+        cb.set_label("generation step")
+        cb.locator = __import__("matplotlib.ticker", fromlist=["MaxNLocator"]).MaxNLocator(integer=True)
+        cb.update_ticks()
+        ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% of variance)")
+        ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% of variance)")
+        ax.set_title(f"decoding walk: {visible_token(self.text, 48)}\n{n} steps, path log-prob "
+                     f"{float(self.path_logprob[-1]):.2f} nats", fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+        if own:
+            fig.tight_layout()
+        labels = [f"{i}: {visible_token(self._s(self.chosen[i]), 10)}" for i in range(n)]
+        place_labels(ax, t_xy, labels, priority=[-i for i in range(n)], fontsize=7, color="tab:red")
+        place_labels(ax, c_xy, [str(i) for i in range(n)], priority=[-i for i in range(n)], fontsize=6, color="tab:blue",
+                     offset=(-8, 3))
         return fig
 
 
@@ -168,6 +200,7 @@ def decoding_walk(
     seed: Optional[int] = None,
     stop_at_eos: bool = True,
     prepend_bos: Optional[bool] = None,
+    progress: Optional[bool] = None,
 ) -> DecodingWalk:
     """Generate from ``prompt`` (a string or a 1-D / [1, pos] token tensor), recording the walk.
 
@@ -175,8 +208,11 @@ def decoding_walk(
     from ``softmax(logits / temperature)`` restricted to ``top_k`` tokens and the ``top_p``
     nucleus, reproducibly for a given ``seed``. Recorded probabilities are the model's own
     (temperature 1, unfiltered), so the path log-probability is the sequence's log-likelihood.
-    Each step re-runs the whole sequence (see the module docstring).
+    Each step re-runs the whole sequence (see the module docstring); a progress bar counts
+    the steps (``progress=False`` silences it).
     """
+    from embedwalk.progress import progress_bar
+
     a = adapt(model)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise EmbedwalkError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -200,7 +236,7 @@ def decoding_walk(
 
     chosen, logprobs, contexts, top1s, kls = [], [], [], [], []
     stopped = False
-    for _ in range(max_new_tokens):
+    for _ in progress_bar(range(max_new_tokens), desc="decoding_walk", unit="token", progress=progress):
         own = []
         reader = LastPositionReader()
         (resid,) = run(model, seq[None], readers=[reader], on_logits=lambda lg, ctx: own.append(lg[0, -1].detach()))

@@ -39,6 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
@@ -98,6 +99,7 @@ def frozen_norm(norm, x: Float[Tensor, "d_model"], adapter: ModelAdapter):
     return centre, weight / scale, bias
 
 
+@summary_repr
 @dataclass
 class DecompositionResult:
     """The residual at (``layer``, ``stage``, ``position``) as a sum of ``parts``.
@@ -136,6 +138,14 @@ class DecompositionResult:
     residual_gap: float = 0.0
     logit_gap: float = 0.0
     dtype: str = "float32"
+
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        tok = self.str_tokens[self.position] if -len(self.str_tokens) <= self.position < len(self.str_tokens) else "?"
+        return [f"residual at layer {self.layer} {self.stage}, position {self.position} ({tok!r}) = sum of "
+                f"{len(self.kinds)} parts (relative error {self.relative_error:.1e})",
+                f"logit of {self.token_str!r} = {self.logit:.4g}; largest direct logit attributions:"] + table_lines(self.top(5))
 
     @property
     def reconstruction(self) -> Float[Tensor, "d_model"]:

@@ -24,16 +24,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
 from embedwalk.run import Context, Reader, run
 
-__all__ = ["LogitLensResult", "LogitLensReader", "logit_lens", "default_chunk_size", "METRICS"]
+__all__ = ["LogitLensResult", "LogitLensReader", "logit_lens", "default_chunk_size", "METRICS", "refuse_layers"]
 
 Positions = Union[None, str, int, Sequence[int]]
 Targets = Union[None, int, str, Sequence, Tensor]
@@ -50,6 +52,7 @@ def default_chunk_size(device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------- result
+@summary_repr
 @dataclass
 class LogitLensResult:
     """Per (readout, row) metrics; a row is one (prompt, position) pair.
@@ -73,6 +76,18 @@ class LogitLensResult:
     top1_agrees: Bool[Tensor, "readout row"]
     token_strs: dict = field(default_factory=dict, repr=False)
     translated: bool = False
+
+    def _headline(self) -> list[str]:
+        R, N, k = self.top_ids.shape
+        kind = "tuned" if self.translated else "logit"
+        out = [f"{kind} lens: {R} readouts ({self.labels[0]} .. {self.labels[-1]}) x {N} rows "
+               f"({len(set(self.prompt.tolist()))} prompts), top-{k}"]
+        kl = self.layer_means("kl_to_final").tolist()
+        picks = sorted(set([0, R // 4, R // 2, 3 * R // 4, R - 1]))
+        out.append("mean KL(final || readout), nats: " + "  ".join(f"{self.labels[i]}: {kl[i]:.3g}" for i in picks))
+        agree = self.top1_agrees.float().mean(1).tolist()
+        out.append("top-1 agrees with final: " + "  ".join(f"{self.labels[i]}: {agree[i]:.0%}" for i in picks))
+        return out
 
     def _str(self, i: int) -> str:
         return self.token_strs.get(int(i), f"<{int(i)}>") if i >= 0 else ""
@@ -140,54 +155,154 @@ class LogitLensResult:
             lines.append(f"{label:>{width}}  {float(self.kl_to_final[r, row]):6.2f}  {float(self.entropy[r, row]):7.2f}  {tops}")
         return "\n".join(lines)
 
-    def plot(self, metric: str = "kl_to_final", *, prompt: int = 0, kind: str = "heatmap", annotate: Optional[bool] = None, ax=None):
-        """``kind="heatmap"``: layer x position of ``metric`` for one prompt, cells labelled
-        with the layer's top-1 token (the classic logit-lens figure). ``kind="lines"``: mean
-        KL to the final distribution and mean entropy per layer, over all rows."""
+    def _prompt_rows(self, prompt: int) -> Tensor:
+        rows = (self.prompt == prompt).nonzero().flatten()
+        if rows.numel() == 0:
+            raise EmbedwalkError(f"prompt {prompt} is not in this result (prompts: {sorted(set(self.prompt.tolist()))})")
+        return rows[self.pos[rows].argsort()]
+
+    def plot(self, metric: str = "kl_to_final", *, prompt: int = 0, kind: str = "heatmap", annotate: Optional[bool] = None,
+             ax=None, interactive: bool = False):
+        """``kind="heatmap"``: readout x position of ``metric`` for one prompt, cells labelled
+        with the readout's top-1 token (the classic logit-lens figure). ``kind="lines"``: mean
+        KL to the final distribution and mean entropy per readout, over all rows.
+
+        Colour scales: KL and target rank are heavy-tailed (the embedding row's KL is often
+        100x the rest), so they use a log scale; the target rank is drawn as ``1 + rank``
+        (1 = top-1) and cells without a target (the last position under next-token targets) are
+        hatched grey, never coloured as a rank. Whitespace in tokens is drawn visibly (``␣``,
+        ``\\n``). ``interactive=True`` returns a plotly figure whose hover shows each cell's top
+        tokens and metrics (needs ``pip install 'embedwalk[interactive]'``).
+        """
+        if interactive:
+            if kind != "heatmap":
+                raise EmbedwalkError("interactive=True draws the heatmap; use kind='heatmap'")
+            return self._interactive(metric, prompt)
         import matplotlib.pyplot as plt
 
+        from embedwalk.figures import log_norm, mark_missing, visible_token
+
+        name = "tuned" if self.translated else "logit"
         if kind == "lines":
             fig, ax1 = plt.subplots(figsize=(7, 3.5)) if ax is None else (ax.figure, ax)
             x = range(len(self.labels))
-            ax1.plot(x, self.layer_means("kl_to_final"), "o-", color="C0", label="KL(final || layer)")
-            ax1.set_ylabel("KL to final (nats)", color="C0")
+            ax1.plot(x, self.layer_means("kl_to_final"), "o-", color="C0", ms=3, label="KL(final ‖ readout)")
+            ax1.set_yscale("log")
+            ax1.set_ylabel("mean KL(final ‖ readout) [nats, log]", color="C0")
             ax2 = ax1.twinx()
-            ax2.plot(x, self.layer_means("entropy"), "s--", color="C1", label="entropy")
-            ax2.set_ylabel("entropy (nats)", color="C1")
-            ax1.set_xticks(list(x), self.labels, rotation=90, fontsize=7)
-            ax1.set_xlabel("readout")
-            ax1.set_title(("tuned" if self.translated else "logit") + " lens: per-layer means")
+            ax2.plot(x, self.layer_means("entropy"), "s--", color="C1", ms=3, label="entropy")
+            ax2.set_ylabel("mean entropy [nats]", color="C1")
+            step = max(1, -(-len(self.labels) // 16))
+            ax1.set_xticks(list(x)[::step], self.labels[::step], fontsize=8)
+            ax1.set_xlabel("readout (embed, then the output of block l)")
+            ax1.set_title(f"{name} lens: per-readout means over {self.top_ids.shape[1]} positions")
             fig.tight_layout()
             return fig
         if kind != "heatmap":
             raise EmbedwalkError(f"kind must be 'heatmap' or 'lines', got {kind!r}")
-        rows = (self.prompt == prompt).nonzero().flatten()
-        if rows.numel() == 0:
-            raise EmbedwalkError(f"prompt {prompt} is not in this result (prompts: {sorted(set(self.prompt.tolist()))})")
-        rows = rows[self.pos[rows].argsort()]
-        values = self.metric(metric)[:, rows].float().numpy()
+        rows = self._prompt_rows(prompt)
+        values = self.metric(metric)[:, rows].double().numpy()
         R, P = values.shape
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(min(2 + 0.9 * P, 20), min(1.5 + 0.32 * R, 16)))
+        missing = (values < 0) if metric == "target_rank" else ~np.isfinite(values)
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(min(3.0 + 0.62 * P, 20), min(1.6 + 0.26 * R, 16)))
         else:
             fig = ax.figure
-        cmap = "viridis_r" if metric in ("kl_to_final", "entropy", "target_rank") else "viridis"
-        im = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap)
-        fig.colorbar(im, ax=ax, label=metric)
+        label, scale = _METRIC_AXES[metric]
+        cmap = plt.get_cmap("viridis_r" if metric in ("kl_to_final", "entropy", "target_rank") else "viridis").copy()
+        shown = np.where(missing, np.nan, values)
+        if metric == "target_rank":
+            shown = shown + 1  # log scale: 1 = top-1
+            norm = log_norm(shown, floor=1.0, vmax=max(10.0, float(np.nanmax(shown)) if np.isfinite(shown).any() else 10.0))
+        elif scale == "log":
+            fin = shown[np.isfinite(shown) & (shown > 0)]
+            hi = float(fin.max()) if fin.size else 1.0
+            norm = log_norm(shown, floor=max(float(fin.min()) if fin.size else hi / 1e3, hi * 1e-4), vmax=hi)
+        else:
+            norm = None
+        im = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", origin="lower", cmap=cmap, norm=norm)
+        n_missing = mark_missing(ax, missing)
+        cbar_label = label + (" (log scale)" if scale == "log" else "")
+        if n_missing:
+            cbar_label += "\nhatched: " + ("no target" if metric in ("target_rank", "target_logprob") else "no value")
+        fig.colorbar(im, ax=ax, label=cbar_label, pad=0.02)
         if annotate if annotate is not None else P * R <= 1200:
             top = self.top_ids[:, rows, 0]
             for r in range(R):
                 for c in range(P):
-                    rgba = im.cmap(im.norm(values[r, c]))
-                    light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5  # readable on any cell
-                    ax.text(c, r, self._str(int(top[r, c]))[:8], ha="center", va="center", fontsize=6, color="k" if light else "w")
-        ax.set_yticks(range(R), self.labels, fontsize=7)
-        ax.set_xticks(range(P), [self._str(int(t)) for t in self.token[rows]], rotation=60, fontsize=7)
-        ax.set_xlabel("input token (position)")
-        ax.set_ylabel("readout")
-        ax.set_title(f"{'tuned' if self.translated else 'logit'} lens, prompt {prompt}: {metric} (cells: top-1 token)")
-        fig.tight_layout()
+                    if np.isfinite(shown[r, c]):
+                        rgba = im.cmap(im.norm(shown[r, c]))
+                        light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5  # readable on any cell
+                    else:
+                        light = True
+                    ax.text(c, r, visible_token(self._str(int(top[r, c])), 8), ha="center", va="center", fontsize=6,
+                            color="k" if light else "w", zorder=3)
+        step = max(1, -(-R // 40))  # at most ~40 readout labels, so they never overlap
+        ax.set_yticks(range(0, R, step), self.labels[::step], fontsize=7)
+        ax.set_xticks(range(P), [visible_token(self._str(int(t)), 12) for t in self.token[rows]], rotation=60,
+                      ha="right", rotation_mode="anchor", fontsize=7)
+        ax.set_xlabel("input token")
+        ax.set_ylabel("readout (embed, block output)")
+        ax.set_title(f"{name} lens, prompt {prompt}: {_METRIC_TITLES[metric]} (cells: top-1 token)", fontsize=9)
+        if own:
+            fig.tight_layout()
         return fig
+
+    def _interactive(self, metric: str, prompt: int):
+        from embedwalk.figures import require_plotly, visible_token
+
+        go = require_plotly()
+        self.metric(metric)  # unknown metric: the same error as the static figure
+        rows = self._prompt_rows(prompt)
+        values = self.metric(metric)[:, rows].double().numpy()
+        missing = (values < 0) if metric == "target_rank" else ~np.isfinite(values)
+        z = np.where(missing, np.nan, values)
+        label, scale = _METRIC_AXES[metric]
+        if metric == "target_rank":
+            z = np.log10(z + 1)
+        elif scale == "log":
+            z = np.log10(np.clip(z, 1e-6, None))
+        k = self.top_ids.shape[-1]
+        hover = []
+        for r, lab in enumerate(self.labels):
+            line = []
+            for c, row in enumerate(rows.tolist()):
+                tops = "<br>".join(
+                    f"{visible_token(self._str(int(self.top_ids[r, row, j])))} {float(self.top_probs[r, row, j]):.3f}" for j in range(k)
+                )
+                rank = int(self.target_rank[r, row])
+                line.append(
+                    f"readout {lab}, pos {int(self.pos[row])} ({visible_token(self._str(int(self.token[row])))})<br>"
+                    f"KL {float(self.kl_to_final[r, row]):.4g} nats, entropy {float(self.entropy[r, row]):.4g} nats<br>"
+                    f"target {visible_token(self._str(int(self.target[row])))}: "
+                    + (f"rank {rank}, log p {float(self.target_logprob[r, row]):.4g}" if rank >= 0 else "none")
+                    + f"<br>top-{k}:<br>{tops}"
+                )
+            hover.append(line)
+        title = label + (" (log10)" if scale == "log" else "")
+        fig = go.Figure(go.Heatmap(
+            z=z, x=[f"{int(self.pos[r])}:{visible_token(self._str(int(self.token[r])))}" for r in rows.tolist()],
+            y=self.labels, text=hover, hoverinfo="text", hovertemplate="%{text}<extra></extra>",
+            colorscale="Viridis", reversescale=metric in ("kl_to_final", "entropy", "target_rank"),
+            colorbar=dict(title=title),
+        ))
+        fig.update_layout(title=f"{'tuned' if self.translated else 'logit'} lens, prompt {prompt}: {_METRIC_TITLES[metric]}",
+                          xaxis_title="input token", yaxis_title="readout")
+        return fig
+
+
+_METRIC_AXES = {
+    "kl_to_final": ("KL(final ‖ readout) [nats]", "log"),
+    "entropy": ("entropy [nats]", "linear"),
+    "target_logprob": ("log p(target) [nats]", "linear"),
+    "target_rank": ("1 + rank of the target (1 = top-1)", "log"),
+    "top1_prob": ("top-1 probability", "linear"),
+}
+_METRIC_TITLES = {
+    "kl_to_final": "KL to the final distribution", "entropy": "entropy", "target_logprob": "target log-probability",
+    "target_rank": "rank of the target", "top1_prob": "top-1 probability",
+}
 
 
 # ---------------------------------------------------------------------------- reader
@@ -205,10 +320,12 @@ class LogitLensReader(Reader):
         target_table: Optional[Callable[[int, int], Tensor]] = None,
         top_k: int = 5,
         mid: bool = False,
-        layers: Optional[Sequence[Union[int, str]]] = None,
+        readouts: Optional[Sequence[Union[int, str]]] = None,
         translator: Optional[Translator] = None,
         chunk_size: Optional[int] = None,
+        layers=None,
     ):
+        refuse_layers("LogitLensReader", layers)
         if not isinstance(top_k, int) or top_k < 1:
             raise EmbedwalkError(f"top_k must be a positive int, got {top_k!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -217,7 +334,7 @@ class LogitLensReader(Reader):
         self.target_table = target_table
         self.top_k = top_k
         self.mid = mid
-        self.layers = layers
+        self.readouts = readouts
         self.translator = translator
         self.chunk_size = chunk_size
 
@@ -226,7 +343,7 @@ class LogitLensReader(Reader):
         self.adapter = adapter
         points = adapter.readout_points(mid=self.mid)
         self.final = points[-1]
-        self.points = _select_points(points, self.layers)
+        self.points = _select_points(points, self.readouts)
         self.hooks = sorted({p.hook for p in self.points} | {self.final.hook})
         if self.translator is not None and hasattr(self.translator, "check_model"):
             self.translator.check_model(adapter)
@@ -409,25 +526,43 @@ def _positions_for(positions, n: int, prompt: int) -> Tensor:
     return torch.tensor([p % n for p in positions])
 
 
-def _select_points(points: list[ReadoutPoint], layers) -> list[ReadoutPoint]:
+def refuse_layers(where: str, layers) -> None:
+    """Refuse the old ``layers=`` spelling of a readout selection.
+
+    Everywhere else in embedwalk (and in TransformerLens) ``layers`` counts blocks; the lenses
+    used to count readouts under that name (0 = embedding), so ``layers=[30]`` on a 30-block
+    model silently meant block 29. Readout selections are now spelled ``readouts=``.
+    """
     if layers is None:
+        return
+    raise EmbedwalkError(
+        f"{where} selects readouts, so `layers=` was renamed `readouts=` (it counted readouts, not "
+        "blocks: 0 = embedding, l + 1 = output of block l). Pass readouts=[...] with readout "
+        "indices or labels (e.g. readouts=['embed', '3'] or readouts=[l + 1] for block l's output)."
+    )
+
+
+def _select_points(points: list[ReadoutPoint], readouts) -> list[ReadoutPoint]:
+    if readouts is None:
         return points
     by_label = {p.label: p for p in points}
     chosen = []
-    for layer in [layers] if isinstance(layers, (int, str)) else layers:
-        if isinstance(layer, str):
-            if layer not in by_label:
-                raise EmbedwalkError(f"no readout labelled {layer!r}; this model's readouts are {list(by_label)}")
-            chosen.append(by_label[layer])
-        elif isinstance(layer, int) and not isinstance(layer, bool):
-            if not -len(points) <= layer < len(points):
+    for item in [readouts] if isinstance(readouts, (int, str)) else readouts:
+        if isinstance(item, str):
+            if item not in by_label:
+                raise EmbedwalkError(f"no readout labelled {item!r}; this model's readouts are {list(by_label)}")
+            chosen.append(by_label[item])
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -len(points) <= item < len(points):
                 raise EmbedwalkError(
-                    f"layer {layer} is out of range: there are {len(points)} readouts (0 = embedding, "
+                    f"readout {item} is out of range: there are {len(points)} readouts (0 = embedding, "
                     f"l+1 = output of block l; valid 0..{len(points) - 1} or negative from the end)"
                 )
-            chosen.append(points[layer])
+            chosen.append(points[item])
         else:
-            raise EmbedwalkError(f"layers must be readout indices or labels, got {layer!r}")
+            raise EmbedwalkError(f"readouts must be readout indices or labels, got {item!r}")
+    if not chosen:
+        raise EmbedwalkError("readouts is an empty list; pass None for every readout")
     return list(dict.fromkeys(chosen))
 
 
@@ -478,7 +613,7 @@ def logit_lens(
     targets: Targets = None,
     top_k: int = 5,
     mid: bool = False,
-    layers: Optional[Sequence[Union[int, str]]] = None,
+    readouts: Optional[Sequence[Union[int, str]]] = None,
     translator: Optional[Translator] = None,
     chunk_size: Optional[int] = None,
     batch_size: int = 8,
@@ -486,6 +621,7 @@ def logit_lens(
     prepend_bos: Optional[bool] = None,
     padding_side: Optional[str] = None,
     progress: Optional[bool] = None,
+    layers=None,
 ) -> LogitLensResult:
     """Read every residual readout (embedding, each block's output; ``mid`` adds each block's
     midpoint) through the model's own final norm and unembed, in one pass.
@@ -496,18 +632,22 @@ def logit_lens(
         targets: None (the actual next token; none at the last position), one id or
             one-token string for all, one per prompt, or a ``[batch, pos]`` id tensor aligned
             with the token inputs.
-        layers: readout indices (0 = embedding, l+1 = block l) or labels to keep; the final
-            readout is always used internally for the KL and agreement.
+        readouts: readout indices (0 = embedding, l+1 = output of block l) or labels
+            (``"embed"``, ``"0"``, ...) to keep; the final readout is always used internally
+            for the KL and agreement.
+        layers: refused with an error naming ``readouts=``: this argument counted readouts,
+            while ``layers`` counts blocks everywhere else in embedwalk and TransformerLens.
         translator: ``f(h, readout_point) -> h`` applied before the readout, e.g. a
             :class:`~embedwalk.lenses.TunedLens`; never applied to the final readout.
         chunk_size: (readout, position) rows read out at once; bounds the peak extra memory
             at about ``chunk_size * d_vocab * 4`` bytes times a few temporaries. Default:
             :func:`default_chunk_size` of the model's device.
     """
+    refuse_layers("logit_lens", layers)
     adapter = adapt(model)
     table = _target_table(adapter, inputs, attention_mask, targets, prepend_bos, padding_side)
     reader = LogitLensReader(
-        positions=positions, target_table=table, top_k=top_k, mid=mid, layers=layers,
+        positions=positions, target_table=table, top_k=top_k, mid=mid, readouts=readouts,
         translator=translator, chunk_size=chunk_size,
     )
     (result,) = run(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -76,15 +76,18 @@ class TunedLens(torch.nn.Module):
         self.bias = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(d_model)) for _ in self.labels])
 
     @classmethod
-    def for_model(cls, model, *, mid: bool = False, layers: Optional[Sequence[Union[int, str]]] = None) -> "TunedLens":
-        """An identity-initialised lens for every readout but the final one (or a subset)."""
+    def for_model(cls, model, *, mid: bool = False, readouts: Optional[Sequence[Union[int, str]]] = None, layers=None) -> "TunedLens":
+        """An identity-initialised lens for every readout but the final one (or the subset
+        ``readouts``: readout indices, 0 = embedding, l+1 = output of block l, or labels).
+        ``layers=`` is refused with an error naming ``readouts=`` (it counted readouts)."""
+        from embedwalk.lenses.logit import _select_points, refuse_layers
+
+        refuse_layers("TunedLens.for_model", layers)
         adapter = adapt(model)
         points = adapter.readout_points(mid=mid)[:-1]
-        if layers is not None:
-            from embedwalk.lenses.logit import _select_points
-
+        if readouts is not None:
             final = adapter.readout_points(mid=mid)[-1]
-            points = [p for p in _select_points(adapter.readout_points(mid=mid), layers) if p != final]
+            points = [p for p in _select_points(adapter.readout_points(mid=mid), readouts) if p != final]
         lens = cls([p.label for p in points], adapter.d_model, unembedding_hash(adapter), model_name=_model_name(adapter), basis=residual_basis(adapter))
         return lens.to(adapter.device)
 
@@ -292,7 +295,7 @@ def train_tuned_lens(
     *,
     lens: Optional[TunedLens] = None,
     mid: bool = False,
-    layers: Optional[Sequence[Union[int, str]]] = None,
+    readouts: Optional[Sequence[Union[int, str]]] = None,
     epochs: int = 1,
     lr: float = 1e-3,
     optimizer: str = "adam",
@@ -301,6 +304,7 @@ def train_tuned_lens(
     seed: int = 0,
     progress: Optional[bool] = None,
     attention_mask: Optional[Tensor] = None,
+    layers=None,
 ) -> TunedLens:
     """Train (or continue training) a tuned lens on ``texts``, streaming, one pass per epoch.
 
@@ -308,17 +312,22 @@ def train_tuned_lens(
     updates every translator. ``optimizer="adam"`` (default, lr 1e-3; robust for the few
     hundred steps a small text gives) or ``"sgd"`` (SGD with Nesterov momentum 0.9, the
     tuned-lens paper's choice for long runs; use lr around 1.0 / d_model-scaled schedules).
-    ``layers`` restricts training to a subset of readouts (indices or labels) to save time.
+    ``readouts`` restricts training to a subset of readouts (indices: 0 = embedding, l+1 =
+    output of block l; or labels) to save time. ``layers=`` is refused with an error naming
+    ``readouts=``: it counted readouts, while ``layers`` counts blocks everywhere else.
     The lens's ``meta["train_kl"]`` holds the mean training KL per readout of the last epoch
     and ``meta["history"]`` the mean KL per step.
     """
+    from embedwalk.lenses.logit import refuse_layers
+
+    refuse_layers("train_tuned_lens", layers)
     adapter = adapt(model)
     if not isinstance(epochs, int) or epochs < 1:
         raise EmbedwalkError(f"epochs must be a positive int, got {epochs!r}")
     if not isinstance(step_tokens, int) or step_tokens < 1:
         raise EmbedwalkError(f"step_tokens must be a positive int, got {step_tokens!r}")
     if lens is None:
-        lens = TunedLens.for_model(adapter, mid=mid, layers=layers)
+        lens = TunedLens.for_model(adapter, mid=mid, readouts=readouts)
     else:
         lens.check_model(adapter)
     params = list(lens.parameters())
@@ -329,21 +338,17 @@ def train_tuned_lens(
     else:
         raise EmbedwalkError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     trainer = TunedLensTrainer(lens, opt, step_tokens=step_tokens, seed=seed)
+    from embedwalk.progress import progress_scope
+
     history: list[float] = []
-    for _ in _epoch_bar(epochs, progress):
-        (train_kl,) = run(model, texts, readers=[trainer], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
-        history += trainer.history
-        trainer.history = []
+    n_texts = 1 if isinstance(texts, str) else (texts.shape[0] if texts.ndim > 1 else 1) if isinstance(texts, Tensor) else len(texts)
+    with progress_scope(epochs * n_texts, f"train_tuned_lens ({epochs} epoch{'s' if epochs > 1 else ''})", progress=progress):
+        for _ in range(epochs):
+            (train_kl,) = run(model, texts, readers=[trainer], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
+            history += trainer.history
+            trainer.history = []
     lens.meta.update({"train_kl": train_kl, "history": history, "optimizer": optimizer, "lr": lr, "epochs": epochs, "step_tokens": step_tokens})
     return lens
-
-
-def _epoch_bar(epochs: int, progress: Optional[bool]) -> Iterable[int]:
-    if epochs > 1 and progress is not False:
-        from tqdm.auto import tqdm
-
-        return tqdm(range(epochs), desc="tuned lens epochs")
-    return range(epochs)
 
 
 # ---------------------------------------------------------------------------- text

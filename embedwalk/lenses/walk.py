@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs
@@ -60,6 +61,7 @@ def _cos(a: Tensor, b: Tensor) -> Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).float()
 
 
+@summary_repr
 @dataclass
 class WalkResult:
     """The encoding walk of each requested (prompt, position).
@@ -87,6 +89,13 @@ class WalkResult:
     token_vectors: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- derived
+    def _headline(self) -> list[str]:
+        from embedwalk._summary import table_lines
+
+        n, P, d = self.states.shape
+        cols = ["prompt", "pos", "token", "path_length", "displacement", "straightness", "final_top1"]
+        return [f"{n} walks x {P} points (embed, then l.mid / l per block), d_model {d}"] + table_lines(self.summary()[cols], max_rows=8)
+
     @property
     def n_layers(self) -> int:
         return self.attn_out.shape[1]
@@ -187,49 +196,109 @@ class WalkResult:
         )
 
     # ---------------------------------------------------------------- figure
-    def plot(self, index: int = -1, *, ax=None, label_every: int = 1):
+    def plot(self, index: int = -1, *, ax=None, label_every: int = 1, interactive: bool = False):
         """The walk of entry ``index`` projected to 2-D.
 
         The PCA is fitted on the *directions* (unit vectors) of the walk's states together with
         the unembedding vectors of their nearest tokens, because the readout depends on direction
-        only; each point is labelled with its nearest token under the unembedding.
+        only. Points are coloured by depth (colour bar: block); labels (``point: nearest token``)
+        are placed without overlap, the embedding, the final state and every change of the
+        nearest token first (``label_every`` > 1 thins them further). ``interactive=True``
+        returns a plotly figure whose hover shows every point's top tokens, cosines and norms
+        (needs ``pip install 'embedwalk[interactive]'``).
         """
-        import matplotlib.pyplot as plt
-
         n = self.states.shape[0]
         if not -n <= index < n:
             raise EmbedwalkError(f"index {index} is out of range: this walk has {n} entries")
         index %= n
+        if interactive:
+            return self._interactive(index)
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import Normalize
+
+        from embedwalk.figures import place_labels, visible_token
+
         top1 = [int(t) for t in self.unembed_ids[index, :, 0]]
         uniq = list(dict.fromkeys(top1))
+        walk_xy, tok_xy, ratio = self._projection(index, uniq)
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(7.5, 5.8))
+        else:
+            fig = ax.figure
+        depth = torch.tensor([_depth(lab) for lab in self.labels]).numpy()
+        norm = Normalize(vmin=-1, vmax=max(0.0, float(depth.max())))
+        ax.plot(walk_xy[:, 0], walk_xy[:, 1], "-", color="0.65", lw=1, zorder=1)
+        sc = ax.scatter(walk_xy[:, 0], walk_xy[:, 1], c=depth, cmap="viridis", norm=norm, s=26, zorder=2,
+                        edgecolors="k", linewidths=0.3)
+        fig.colorbar(sc, ax=ax, label="depth: block l (-1 = embedding)", pad=0.02)
+        if tok_xy is not None:
+            ax.scatter(tok_xy[:, 0], tok_xy[:, 1], marker="*", s=110, color="tab:red", zorder=3,
+                       edgecolors="k", linewidths=0.3, label="nearest tokens' unembedding vectors")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% of variance)")
+        ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% of variance)")
+        ax.set_title(
+            f"encoding walk, prompt {int(self.prompt[index])}, position {int(self.pos[index])} "
+            f"({visible_token(self._s(self.token[index]), 14)}): straightness {float(self.straightness[index]):.2f}",
+            fontsize=9,
+        )
+        if own:
+            fig.tight_layout()
+        P = len(self.labels)
+        texts = [f"{self.labels[j]}: {visible_token(self._s(top1[j]), 10)}"
+                 if (j % label_every == 0 or j in (0, P - 1)) else "" for j in range(P)]
+        prio = [3 if j in (0, P - 1) else 2 if top1[j] != top1[j - 1] else 1 - j / (2 * P) for j in range(P)]
+        if tok_xy is not None:
+            place_labels(ax, tok_xy, [visible_token(self._s(t), 12) for t in uniq], priority=[5] * len(uniq),
+                         fontsize=8, color="tab:red", offset=(4, -10))
+        place_labels(ax, walk_xy, texts, priority=prio, fontsize=7)
+        return fig
+
+    def _projection(self, index: int, uniq: list[int]):
         tok_vecs = torch.stack([self.token_vectors[t] for t in uniq]) if uniq and all(t in self.token_vectors for t in uniq) else None
         pts = directions(self.states[index])
         allv = pts if tok_vecs is None else torch.cat([pts, directions(tok_vecs)])
         xy, ratio = pca_2d(allv)
-        walk_xy, tok_xy = xy[: len(pts)], xy[len(pts) :]
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(7, 5.5))
-        else:
-            fig = ax.figure
-        colors = plt.cm.viridis(torch.linspace(0, 1, len(pts)).numpy())
-        ax.plot(walk_xy[:, 0], walk_xy[:, 1], "-", color="0.6", lw=1, zorder=1)
-        ax.scatter(walk_xy[:, 0], walk_xy[:, 1], c=colors, s=28, zorder=2)
-        for j in range(len(pts)):
-            if j % label_every == 0 or j == len(pts) - 1:
-                ax.annotate(f"{self.labels[j]}:{short(self._s(top1[j]), 10)}", walk_xy[j], fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if tok_vecs is not None:
-            ax.scatter(tok_xy[:, 0], tok_xy[:, 1], marker="*", s=90, color="tab:red", zorder=3, label="nearest token vectors (W_U)")
-            for t, p in zip(uniq, tok_xy):
-                ax.annotate(short(self._s(t), 12), p, color="tab:red", fontsize=8, xytext=(3, -9), textcoords="offset points")
-            ax.legend(loc="best", fontsize=8)
-        ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% var)")
-        ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% var)")
-        ax.set_title(
-            f"encoding walk of prompt {int(self.prompt[index])}, pos {int(self.pos[index])} "
-            f"('{short(self._s(self.token[index]), 12)}'); straightness {float(self.straightness[index]):.2f}",
-            fontsize=9,
-        )
+        return xy[: len(pts)], (None if tok_vecs is None else xy[len(pts):]), ratio
+
+    def _interactive(self, index: int):
+        from embedwalk.figures import require_plotly, visible_token
+
+        go = require_plotly()
+        top1 = [int(t) for t in self.unembed_ids[index, :, 0]]
+        uniq = list(dict.fromkeys(top1))
+        walk_xy, tok_xy, ratio = self._projection(index, uniq)
+        k = self.unembed_ids.shape[-1]
+        norms = self.states[index].norm(dim=-1)
+        hover = []
+        for j, lab in enumerate(self.labels):
+            tops = "<br>".join(f"{visible_token(self._s(int(self.unembed_ids[index, j, i])))} "
+                               f"{float(self.unembed_probs[index, j, i]):.3f}" for i in range(k))
+            hover.append(f"point {lab}<br>|h| {float(norms[j]):.4g}<br>cos to final {float(self.cos_final[index, j]):.3f}, "
+                         f"cos to embed {float(self.cos_embed[index, j]):.3f}<br>top-{k} (unembed):<br>{tops}")
+        fig = go.Figure()
+        fig.add_trace(go.Scatter(x=walk_xy[:, 0].tolist(), y=walk_xy[:, 1].tolist(), mode="lines+markers", name="walk",
+                                 text=hover, hovertemplate="%{text}<extra></extra>",
+                                 marker=dict(color=[_depth(lab) for lab in self.labels], colorscale="Viridis",
+                                             colorbar=dict(title="block"))))
+        if tok_xy is not None:
+            fig.add_trace(go.Scatter(x=tok_xy[:, 0].tolist(), y=tok_xy[:, 1].tolist(), mode="markers+text", name="token vectors",
+                                     text=[visible_token(self._s(t)) for t in uniq], textposition="bottom right",
+                                     marker=dict(symbol="star", size=12, color="red")))
+        fig.update_layout(title=f"encoding walk, prompt {int(self.prompt[index])}, position {int(self.pos[index])}",
+                          xaxis_title=f"PC1 ({100 * ratio[0]:.0f}% var)", yaxis_title=f"PC2 ({100 * ratio[1]:.0f}% var)")
         return fig
+
+
+def _depth(label: str) -> float:
+    """Block index of a walk point: -1 for the embedding, l - 0.5 for block l's midpoint."""
+    if label == "embed":
+        return -1.0
+    try:
+        return int(label[:-4]) - 0.5 if label.endswith(".mid") else float(int(label))
+    except ValueError:  # a point label of another form: no depth to show
+        return float("nan")
 
 
 class WalkReader(Reader):

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 
+from embedwalk._summary import summary_repr
 from ..errors import EmbedwalkError
 from .graphs import PriorityGraphs, build_priority_graphs
 
@@ -156,12 +157,30 @@ def retrieval_scores(
     }
 
 
+@summary_repr
 @dataclass(eq=False)
 class HeadPriorityResult:
     """Scores per (layer, head); each metric tensor is ``[layer, head]``."""
 
     scores: dict[str, Float[torch.Tensor, "layer head"]]
     layers: list[int] = field(default_factory=list)
+
+    def _headline(self) -> list[str]:
+        if not self.scores:
+            return ["no scores"]
+        L, H = next(iter(self.scores.values())).shape
+        out = [f"{L} layers x {H} heads; metrics: {', '.join(self.scores)}"]
+        if "ratio" in self.scores:
+            r = self.scores["ratio"].double()
+            ok = torch.isfinite(r)
+            if ok.any():
+                flat = torch.where(ok, r, float("nan")).reshape(-1)
+                i = int(torch.nan_to_num(flat, nan=-float("inf")).argmax())
+                out.append(f"ratio (1 = uniform): median {float(r[ok].median()):.3g}, max {float(flat[i]):.3g} "
+                           f"at layer {self.layers[i // H] if self.layers else i // H} head {i % H}")
+            else:
+                out.append("ratio: no finite values")
+        return out
 
     def to_dataframe(self) -> pd.DataFrame:
         L, H = self.scores["mass"].shape
@@ -171,21 +190,50 @@ class HeadPriorityResult:
         return df
 
     def plot(self, metric: str = "ratio", ax=None):
-        """Heatmap layer x head of ``metric`` (ratio: 1 = no preference over uniform)."""
+        """Heatmap layer x head of ``metric``. ``ratio`` (attention mass on the predicted
+        top-priority tokens / what uniform aggregation would give them) uses a diverging colour
+        map centred on 1 with log-symmetric limits, so preference (> 1, red) and avoidance
+        (< 1, blue) read alike; heads with no scored position are hatched."""
         import matplotlib.pyplot as plt
+
+        from embedwalk.figures import mark_missing, plain_ticks, ratio_norm
 
         if metric not in self.scores:
             raise KeyError(f"unknown metric {metric!r}; choose from {sorted(self.scores)}")
-        values = self.scores[metric].numpy()
-        if ax is None:
-            _, ax = plt.subplots(figsize=(0.45 * values.shape[1] + 2.5, 0.35 * values.shape[0] + 1.8))
-        im = ax.imshow(values, aspect="auto", cmap="viridis")
+        values = self.scores[metric].double().numpy()
+        own = ax is None
+        if own:
+            _, ax = plt.subplots(figsize=(0.42 * values.shape[1] + 3.2, 0.24 * values.shape[0] + 1.8))
+        missing = ~np.isfinite(values)
+        if metric == "ratio":
+            im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="RdBu_r", norm=ratio_norm(values))
+        else:
+            im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="viridis")
+        hatched = mark_missing(ax, missing)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_yticks(range(len(self.layers)), self.layers)
-        ax.set_title(f"token-priority {metric}")
-        ax.figure.colorbar(im, ax=ax)
+        step = max(1, -(-len(self.layers) // 32))
+        ax.set_yticks(range(0, len(self.layers), step), self.layers[::step], fontsize=7)
+        ax.set_xticks(range(values.shape[1]), range(values.shape[1]), fontsize=7)
+        ax.set_title(f"token priority per head: {metric}", fontsize=9)
+        label = _PRIORITY_LABELS.get(metric, metric) + ("\nhatched: no scored position" if hatched else "")
+        cb = ax.figure.colorbar(im, ax=ax, pad=0.02)
+        cb.set_label(label, fontsize=8)
+        if metric == "ratio":
+            plain_ticks(cb)
+        if own:
+            ax.figure.tight_layout()
         return ax.figure
+
+
+_PRIORITY_LABELS = {
+    "ratio": "mass on priority tokens / uniform\n(1 = no preference; log scale)",
+    "mass": "attention mass on priority tokens",
+    "uniform": "uniform-aggregation mass on them",
+    "difference": "mass - uniform mass",
+    "spread": "spread within priority tokens",
+    "n_positions": "scored query positions",
+}
 
 
 def score_heads(

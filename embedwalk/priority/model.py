@@ -121,4 +121,13 @@ def head_priority(
         )
     reader = HeadPriorityReader(graphs, layers=layers, exclude_bos=exclude_bos)
     (result,) = run(model, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
+    if float(result.scores["n_positions"].sum()) == 0:
+        raise EmbedwalkError(
+            "no query position of `inputs` could be scored, so every score would be NaN: a position "
+            "counts only when its token has a priority graph (built from "
+            f"{'graph_inputs' if graph_inputs is not None else 'the inputs'}: "
+            f"{len(graphs.keys)} query tokens have one) and that graph's top-priority tokens are some, but "
+            "not all, of the earlier tokens of the same prompt (BOS excluded). Pass longer text with repeated words, or "
+            "graph_inputs whose words recur in inputs."
+        )
     return result

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
+from embedwalk._summary import summary_repr
 from ..errors import EmbedwalkError
 from .single_layer import TrainingRun, generate_dataset, run_experiment
 
@@ -46,12 +47,16 @@ PAPER_VALUES = {
 }
 
 
+@summary_repr
 @dataclass(eq=False)
 class ReproductionResult:
     """Runs per setting; ``history`` stacks every run's metric curves."""
 
     runs: dict[str, list[TrainingRun]]
     iterations: int
+
+    def _headline(self) -> list[str]:
+        return [f"{self.iterations} iterations; settings: " + ", ".join(f"{s} ({len(r)} data sets)" for s, r in self.runs.items())]
 
     @property
     def history(self) -> pd.DataFrame:
@@ -142,7 +147,7 @@ class ReproductionResult:
         axes[0].legend()
         fig.tight_layout()
         if path:
-            fig.savefig(path, dpi=120)
+            fig.savefig(path, dpi=120, bbox_inches="tight")
         return fig
 
 
@@ -161,9 +166,13 @@ def format_table(result: ReproductionResult) -> str:
 
 
 def reproduce(
-    setting: str = "cyclic", n_datasets: int = 10, iterations: int = 4000, seed: int = 0, log_every: int = 10
+    setting: str = "cyclic", n_datasets: int = 10, iterations: int = 4000, seed: int = 0, log_every: int = 10,
+    progress: Optional[bool] = None,
 ) -> ReproductionResult:
-    """Train ``n_datasets`` random data sets per setting (``"cyclic"``, ``"acyclic"`` or ``"both"``)."""
+    """Train ``n_datasets`` random data sets per setting (``"cyclic"``, ``"acyclic"`` or ``"both"``);
+    a progress bar counts the trained data sets (``progress=False`` silences it)."""
+    from embedwalk.progress import progress_bar
+
     settings = list(SETTINGS) if setting == "both" else [setting]
     for s in settings:
         if s not in SETTINGS:
@@ -171,12 +180,15 @@ def reproduce(
     if n_datasets < 1 or iterations < log_every:
         raise EmbedwalkError(f"need n_datasets >= 1 and iterations >= log_every={log_every}.")
     runs: dict[str, list[TrainingRun]] = {}
+    bar = progress_bar(total=len(settings) * n_datasets, desc=f"reproduce ({setting})", unit="data set", progress=progress)
     for idx, s in enumerate(settings):
         runs[s] = []
         for i in range(n_datasets):
             # Separate, reproducible streams per (seed, setting, data set).
             data = generate_dataset(seed=np.random.default_rng([seed, list(SETTINGS).index(s), i]), **SETTINGS[s])
             runs[s].append(run_experiment(data, iterations=iterations, seed=seed * 1000 + i, log_every=log_every))
+            bar.update(1)
+    bar.close()
     return ReproductionResult(runs, iterations)
 
 

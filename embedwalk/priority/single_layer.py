@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 
+from embedwalk._summary import summary_repr
 from ..errors import EmbedwalkError
 from .graphs import PriorityGraphs, build_priority_graphs
 from .svm import SVMConstraints, finite_subspace, fit_scale, graph_svm, reduced_key_mask, svm_constraints
@@ -216,6 +217,7 @@ def _corr(A: Float[torch.Tensor, "*s d d"], B: Float[torch.Tensor, "*s d d"]) ->
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
 
 
+@summary_repr
 @dataclass(eq=False)
 class TrainingRun:
     """One data set trained; ``history`` has one row per snapshot."""

@@ -337,6 +337,15 @@ def _prepare(directory: Path, manifest: dict) -> dict:
     if old is None:
         if directory.exists() and any(p.suffix == ".safetensors" or p.name.startswith("rank-") for p in directory.iterdir()):
             raise EmbedwalkError(f"{directory} holds shards but no manifest; it is not a store embedwalk can resume. Choose an empty directory")
+        if directory.exists() and not directory.is_dir():
+            raise EmbedwalkError(f"{directory} is a file, not a folder; pass a new or empty folder for the store")
+        others = sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) if directory.exists() else []
+        if others:
+            # Never write a store next to a user's own files: a later cleanup of the store would take them too.
+            raise EmbedwalkError(
+                f"{directory} is not empty ({len(others)} entries, e.g. {others[:3]}) and is not an embedwalk "
+                f"store (no {mf.MANIFEST}); pass a new or empty folder, e.g. {directory / 'acts'}"
+            )
         directory.mkdir(parents=True, exist_ok=True)
         mf.write_json_atomic(directory / mf.MANIFEST, manifest)
         return manifest

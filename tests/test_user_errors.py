@@ -1,0 +1,73 @@
+"""Mistakes a new user makes get an error that says what was wrong and what to do (issue 13 item 6)."""
+
+import time
+
+import pytest
+import torch
+
+import embedwalk as ew
+from embedwalk.errors import EmbedwalkError
+from embedwalk.priority.model import head_priority
+from embedwalk.store import cache_activations
+
+
+@pytest.mark.parametrize("name,suggestion", [("smollm", "smollm2"), ("Tiny-Llama", "tiny-llama")])
+def test_unknown_model_name_fails_fast_with_offline_choices(monkeypatch, name, suggestion):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(EmbedwalkError, match=rf"cannot load model '{name}'.*Did you mean '{suggestion}'.*need no network: 'smollm2'"):
+        ew.load_model(name)
+    assert time.perf_counter() - start < 5
+
+
+def test_hub_name_without_network_fails_fast(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    # an unreachable endpoint stands for a machine without network: one short request, no retries
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    with pytest.raises(EmbedwalkError, match=r"cannot load model 'gpt2': the Hugging Face hub cannot be reached"):
+        ew.load_model("gpt2")
+    assert time.perf_counter() - start < 10
+    with pytest.raises(EmbedwalkError, match="no folder or file exists"):
+        ew.load_model("./no-such-model-folder")
+
+
+def test_empty_prompt_is_refused_by_every_lens(tiny_arch):
+    calls = {
+        "logit_lens": lambda: ew.logit_lens(tiny_arch, ""),
+        "logit_lens list": lambda: ew.logit_lens(tiny_arch, ["w5 w6", ""]),
+        "walk_lens": lambda: ew.walk_lens(tiny_arch, ""),
+        "decompose": lambda: ew.decompose(tiny_arch, "", token=5),
+        "decoding_walk": lambda: ew.decoding_walk(tiny_arch, "", max_new_tokens=1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(EmbedwalkError, match="empty string: it would be read as the BOS token alone"):
+            call()
+    # BOS alone stays possible on purpose, as token ids
+    assert ew.logit_lens(tiny_arch, torch.tensor([[1]])).top_ids.shape[1] == 1
+
+
+def test_unknown_words_and_targets_are_refused_on_a_word_level_model(tiny_arch):
+    with pytest.raises(EmbedwalkError, match=r"'The capital of France' contains text this model's tokenizer does not know.*<unk>"):
+        ew.logit_lens(tiny_arch, "The capital of France")
+    with pytest.raises(EmbedwalkError, match=r"token ' Paris' contains text .* does not know"):
+        ew.logit_lens(tiny_arch, "w5 w6", targets=" Paris")
+    with pytest.raises(EmbedwalkError, match=r"token ' Paris' contains text .* does not know"):
+        ew.decompose(tiny_arch, "w5 w6", token=" Paris")
+    # words the model knows still work, and so does the unknown token written on purpose
+    assert ew.logit_lens(tiny_arch, "w5 w6", targets="w7").target.tolist() == [7, 7, 7]
+    ew.logit_lens(tiny_arch, "w5 <unk>")
+
+
+def test_head_priority_with_nothing_to_score_says_why(tiny_arch):
+    # graphs from one text, scored on text whose words never recur: no position can be scored
+    with pytest.raises(EmbedwalkError, match=r"no query position of `inputs` could be scored, so every score would be NaN"):
+        head_priority(tiny_arch, ["w40 w41 w42 w43"], graph_inputs=["w5 w6 w5 w6 w5 w6 w7 w5 w6"])
+
+
+def test_store_refuses_a_folder_of_other_files(tiny_arch, tmp_path):
+    (tmp_path / "thesis.tex").write_text("my own work")
+    with pytest.raises(EmbedwalkError, match=r"is not empty \(1 entries, e.g. \['thesis.tex'\]\) and is not an embedwalk store"):
+        cache_activations(tiny_arch, ["w5 w6"], tmp_path, layers=[0], positions="last", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
