@@ -56,12 +56,13 @@ def _pad(rows: list[Tensor], pad_id: int, side: str) -> tuple[Tensor, Tensor]:
 
 def _unk_id(adapter: ModelAdapter) -> Optional[int]:
     """The tokenizer's unknown-token id when it is a token of its own (GPT-2's "unk" is its
-    BOS/EOS, which a real text meets legitimately, so it does not count)."""
+    BOS/EOS, which a real text meets legitimately, so it does not count). A padding token that
+    doubles as ``<unk>`` still counts: rows are checked before they are padded."""
     tok = adapter.tokenizer
     unk = getattr(tok, "unk_token_id", None) if tok is not None else None
     if unk is None:
         return None
-    special = {getattr(tok, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    special = {getattr(tok, name, None) for name in ("bos_token_id", "eos_token_id")}
     return None if unk in special else int(unk)
 
 
