@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build embedwalk's wheel, install the *built wheel* into a fresh virtual environment and run the
-# README's quick start there, so a release ships what the tests tested (data files included).
+# Build embedwalk's wheel, install the *built wheel* into a fresh virtual environment (with the
+# tutorials' first cell, as on Colab before a release) and run the README's quick start there,
+# so that a release ships what the tests tested (data files included).
 #   scripts/check_wheel.sh [BASE_VENV]      (default .venv)
 # The fresh environment reuses BASE_VENV's packages (torch, transformer-lens, the SmolLM2 wheel)
 # through a plain path line in a .pth file, which does not run BASE_VENV's own .pth files, so
@@ -39,7 +40,19 @@ PY
 V="$work/venv/bin/python"
 fresh_site=$("$V" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 "$B" -c "import site; print('\n'.join(site.getsitepackages()))" > "$fresh_site/embedwalk-base-env.pth"
-"$V" -m pip install --disable-pip-version-check -q --no-deps --no-index "$wheel"
+# Install it as a tutorial's first cell does on Colab before a release: the wheel lies in the
+# notebook's folder and the cell's %pip installs it (its dependencies are already satisfied).
+cp "$wheel" "$work/"
+notebook="$PWD/tutorials/01_quickstart.ipynb"
+(cd "$work" && "$V" - "$notebook" <<'PY'
+import json, sys
+from IPython.core.interactiveshell import InteractiveShell
+
+cell = next(c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code")
+result = InteractiveShell.instance().run_cell("".join(cell["source"]))
+result.raise_error()
+PY
+)
 "$V" -m pip show -q embedwalk > /dev/null  # installed into the fresh environment, not found elsewhere
 
 # The README's quick start, run from outside the checkout with nothing else on the path.
