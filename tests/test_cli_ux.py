@@ -87,6 +87,8 @@ def test_cuda_on_a_cpu_machine_is_a_clear_error(capsys):
     assert main(["lens", "logit", "--model", "tiny-gpt2", "--device", "cuda", "w5 w6"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("embedwalk: error: device='cuda'") and "Traceback" not in err
+    assert main(["bias", "retrain", "--device", "cuda"]) == 2  # its own --device, checked before training
+    assert "CPU-only build" in capsys.readouterr().err or torch.version.cuda
 
 
 def test_user_errors_print_one_line(tmp_path, capsys):

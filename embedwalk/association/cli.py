@@ -60,7 +60,9 @@ def _measure(args) -> int:
 
 def _retrain(args) -> int:
     from embedwalk.association.retrain import RetrainConfig, retrain
+    from embedwalk.models import check_device
 
+    check_device(args.device)
     cfg = RetrainConfig.scaled(args.scale)
     for key in ("steps", "layers", "d_model", "heads", "kv_heads", "ctx", "batch", "seed", "tokenizer"):
         value = getattr(args, key)
