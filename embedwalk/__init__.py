@@ -6,21 +6,18 @@ fitters test the concept-space theory; ``embedwalk.priority`` reproduces single-
 attention mechanics. Everything attaches to one forward pass through :func:`run`.
 """
 
-from embedwalk.adapter import ModelAdapter, adapt
-from embedwalk.errors import ArchitectureError, EmbedwalkError
-from embedwalk.inputs import Batch, batches, tokenize
-from embedwalk.models import load_model
-from embedwalk.run import Context, Reader, Writer, run
-from embedwalk.lenses import (
-    TunedLens, decompose, decoding_walk, load_tuned_lens, logit_lens, train_tuned_lens, walk_lens,
-)
-from embedwalk.association import UniformSwap, association_bias
+from embedwalk._lazy import lazy_exports
 
+__all__ = lazy_exports(__name__, {
+    "embedwalk.adapter": ["ModelAdapter", "adapt"],
+    "embedwalk.errors": ["ArchitectureError", "EmbedwalkError"],
+    "embedwalk.inputs": ["Batch", "batches", "tokenize"],
+    "embedwalk.models": ["load_model"],
+    "embedwalk.run": ["Context", "Reader", "Writer", "run"],
+    "embedwalk.lenses": [
+        "TunedLens", "decompose", "decoding_walk", "load_tuned_lens", "logit_lens", "train_tuned_lens", "walk_lens",
+    ],
+    "embedwalk.association": ["UniformSwap", "association_bias"],
+})
 __version__ = "0.1.0"
-
-__all__ = [
-    "ArchitectureError", "Batch", "Context", "EmbedwalkError", "ModelAdapter", "Reader", "Writer",
-    "adapt", "batches", "load_model", "run", "tokenize", "__version__",
-    "logit_lens", "TunedLens", "train_tuned_lens", "load_tuned_lens", "walk_lens", "decompose",
-    "decoding_walk", "UniformSwap", "association_bias",
-]
+__all__.append("__version__")

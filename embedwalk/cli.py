@@ -51,8 +51,22 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except EmbedwalkError as e:
-        print(f"embedwalk: error: {e}", file=sys.stderr)
-        return 2
+        return _user_error(str(e))
+    except OSError as e:
+        # A file or folder the user named that cannot be read or written; other OSErrors are
+        # ours and keep their traceback.
+        if e.filename is None or not isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)):
+            raise
+        return _user_error(f"{e.strerror}: {e.filename}")
+    except KeyboardInterrupt:
+        print("embedwalk: interrupted", file=sys.stderr)
+        return 130
+
+
+def _user_error(message: str) -> int:
+    """argparse's convention: ``embedwalk: error: ...`` on stderr and exit status 2."""
+    print(f"embedwalk: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

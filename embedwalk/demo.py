@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from embedwalk.models import add_model_arguments, model_from_args
+from embedwalk.cli_args import add_model_arguments, model_from_args
 
 DEFAULT_PROMPT = "The capital of France is"
 

@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 import torch
 
+from embedwalk.cli_args import add_model_arguments, model_from_args  # noqa: F401  (their old home)
 from embedwalk.errors import EmbedwalkError
 
 __all__ = ["load_model", "add_model_arguments", "model_from_args", "load_hf", "wrap", "hooked_from_hf", "smollm2_gguf_path", "default_device", "installed_generation"]
@@ -26,6 +27,26 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: Optional[str]) -> None:
+    """Refuse a device this torch cannot use, before any weights move (torch's own error is a
+    bare AssertionError deep inside ``.to()``)."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise EmbedwalkError(f"device {device!r} is not a torch device ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
+               else f"this torch (CUDA {torch.version.cuda}) sees no CUDA GPU")
+        raise EmbedwalkError(
+            f"device={device!r} but {why}; use device='cpu' (or leave device unset: cuda when present, "
+            "else cpu), or install a CUDA build of torch on a machine with an NVIDIA GPU"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise EmbedwalkError(f"device={device!r} but this machine or torch build has no MPS backend; use device='cpu'")
 
 
 def cache_dir() -> Path:
@@ -144,6 +165,7 @@ def _check_hub_name(name: str) -> bool:
 
 def wrap(hf_model, tokenizer, *, generation: str = "bridge", device: Optional[str] = None, name: Optional[str] = None):
     """Wrap a Hugging Face model as a TransformerBridge (TL 4) or a HookedTransformer (TL 2/3)."""
+    check_device(device)
     device = device or default_device()
     name = name or getattr(hf_model.config, "_embedwalk_name", None) or hf_model.config.model_type
     if generation == "bridge":
@@ -186,6 +208,7 @@ def load_model(
 
     ``generation`` defaults to what is installed: a bridge on TL 4, a HookedTransformer before.
     """
+    check_device(device)
     generation = generation or installed_generation()
     if str(source) in TINY_MODELS:
         from embedwalk.testing import tiny_model
@@ -193,26 +216,6 @@ def load_model(
         return tiny_model(str(source).split("-", 1)[1], generation, device=device or "cpu", dtype=dtype)
     hf, tokenizer = load_hf(source, dtype=dtype)
     return wrap(hf, tokenizer, generation=generation, device=device)
-
-
-def add_model_arguments(parser, *, suppress: bool = False) -> None:
-    """``--model``, ``--generation`` and ``--device`` for a CLI subcommand; read back with
-    :func:`model_from_args`. ``suppress`` leaves unset options off the namespace, so a value
-    given to a parent parser is not overwritten by this one's default."""
-    import argparse
-
-    unset = {"default": argparse.SUPPRESS} if suppress else {}
-    parser.add_argument("--model", **(unset or {"default": "smollm2"}),
-                        help="smollm2 (default), a .gguf file, an HF folder or hub name, or tiny-gpt2 / tiny-llama")
-    parser.add_argument("--generation", **(unset or {"default": None}), choices=["bridge", "hooked"],
-                        help="TL 4 bridge or TL 2/3 HookedTransformer (default: the installed one)")
-    parser.add_argument("--device", **(unset or {"default": None}), help="cpu or cuda (default: cuda when present)")
-
-
-def model_from_args(args):
-    """Load the model named by the options :func:`add_model_arguments` added."""
-    return load_model(getattr(args, "model", None) or "smollm2", generation=getattr(args, "generation", None),
-                      device=getattr(args, "device", None))
 
 
 def _rope_theta(config) -> float:

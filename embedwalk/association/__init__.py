@@ -4,12 +4,12 @@ See ``swap`` (the writer), ``measure`` (per-head distances, self bias, downstrea
 the sweep) and ``retrain`` (training the same architecture with uniform aggregation).
 """
 
-from embedwalk.association.measure import (
-    AssociationBias, AssociationReader, SwapEffect, SweepResult, association_bias, downstream, sweep,
-)
-from embedwalk.association.swap import UniformSwap, resolve_targets, uniform_pattern, uniform_z
+from embedwalk._lazy import lazy_exports
 
-__all__ = [
-    "AssociationBias", "AssociationReader", "SwapEffect", "SweepResult", "UniformSwap",
-    "association_bias", "downstream", "resolve_targets", "sweep", "uniform_pattern", "uniform_z",
-]
+__all__ = lazy_exports(__name__, {
+    "embedwalk.association.measure": [
+        "AssociationBias", "AssociationReader", "SwapEffect", "SweepResult", "association_bias", "downstream", "sweep",
+    ],
+    "embedwalk.association.retrain": ["RetrainConfig", "RetrainResult", "retrain"],
+    "embedwalk.association.swap": ["UniformSwap", "resolve_targets", "uniform_pattern", "uniform_z"],
+})

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from embedwalk.models import add_model_arguments, model_from_args
+from embedwalk.cli_args import add_model_arguments, model_from_args
 
 
 def _texts(args) -> list[str]:
@@ -25,7 +25,7 @@ def _model_args(p):
     add_model_arguments(p)
     p.add_argument("--text", action="append", help="a prompt (repeatable)")
     p.add_argument("--file", help="a text file; paragraphs separated by blank lines")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--exclude-self", action="store_true", help="uniform over earlier keys only")
 
 
@@ -64,7 +64,9 @@ def _measure(args) -> int:
 
 def _retrain(args) -> int:
     from embedwalk.association.retrain import RetrainConfig, retrain
+    from embedwalk.models import check_device
 
+    check_device(args.device)
     cfg = RetrainConfig.scaled(args.scale)
     for key in ("steps", "layers", "d_model", "heads", "kv_heads", "ctx", "batch", "seed", "tokenizer"):
         value = getattr(args, key)
@@ -82,6 +84,13 @@ def _retrain(args) -> int:
     return 0
 
 
+_RETRAIN_HELP = {
+    "steps": "training steps", "layers": "blocks", "d_model": "residual width", "heads": "attention heads",
+    "kv_heads": "key-value heads", "ctx": "context length in tokens", "batch": "sequences per step",
+    "seed": "seed of the initialisation and data order",
+}
+
+
 def add_subparser(subparsers) -> None:
     bias = subparsers.add_parser("bias", help="association bias: uniform-aggregation swap, sweep, retraining")
     sub = bias.add_subparsers(dest="bias_command", metavar="SUBCOMMAND")
@@ -90,15 +99,15 @@ def add_subparser(subparsers) -> None:
     p = sub.add_parser("sweep", help="swap all heads, each layer and each head for uniform aggregation; loss/KL table")
     _model_args(p)
     p.add_argument("--units", default="all,layer", help="comma list of all,layer,head (default all,layer)")
-    p.add_argument("--method", default="fast", choices=["fast", "pattern"])
+    p.add_argument("--method", default="fast", choices=["fast", "pattern"], help="fast: running mean of the values (bypasses queries and keys); pattern: replace the attention pattern (default fast)")
     p.add_argument("--csv", help="write the table here")
     p.add_argument("--plot", help="write the figure here (.png)")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("measure", help="per-head distance from uniform aggregation and self bias")
     _model_args(p)
-    p.add_argument("--csv")
-    p.add_argument("--plot")
+    p.add_argument("--csv", help="write the per-head table here")
+    p.add_argument("--plot", help="write the figure here (.png)")
     p.set_defaults(func=_measure)
 
     p = sub.add_parser("retrain", help="train standard vs uniform-aggregation models from scratch; loss curves",
@@ -106,10 +115,11 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="size and steps multiplier (try 8-16 on a GPU)")
     for key, typ in (("steps", int), ("layers", int), ("d_model", int), ("heads", int), ("kv_heads", int),
                      ("ctx", int), ("batch", int), ("seed", int)):
-        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None)
-    p.add_argument("--tokenizer", choices=["smollm2", "bytes"], default=None)
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None,
+                       help=f"{_RETRAIN_HELP[key]} (default: from --scale)")
+    p.add_argument("--tokenizer", choices=["smollm2", "bytes"], default=None, help="SmolLM2's BPE tokenizer or raw bytes (default smollm2)")
     p.add_argument("--file", help="train on this text instead of the built-in prose")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json")
-    p.add_argument("--plot")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--json", help="write the loss curves and configuration here (.json)")
+    p.add_argument("--plot", help="write the loss-curve figure here (.png)")
     p.set_defaults(func=_retrain)

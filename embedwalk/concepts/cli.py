@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from embedwalk.models import add_model_arguments, model_from_args
+from embedwalk.cli_args import add_model_arguments, model_from_args
 
 
 def add_subparser(subparsers) -> None:
@@ -20,10 +20,10 @@ def add_subparser(subparsers) -> None:
                    "text columns are one-hot encoded)")
     f.add_argument("--reverse", action="store_true", help="swap the sides: regress the x vectors on y")
     f.add_argument("--group", default="prompt", help="fold groups: 'prompt' (default) or a metadata column")
-    f.add_argument("--folds", type=int, default=5)
+    f.add_argument("--folds", type=int, default=5, help="cross-validation folds over the groups (default 5)")
     f.add_argument("--alphas", default=None, help="comma-separated ridge strengths (default: a grid "
                    "scaled to the data)")
-    f.add_argument("--batch-size", type=int, default=4096)
+    f.add_argument("--batch-size", type=int, default=4096, help="rows read from the store at once (default 4096)")
     f.add_argument("--out", default=None, help="save the fit here (.safetensors)")
     f.set_defaults(func=_fit)
 
@@ -34,10 +34,10 @@ def add_subparser(subparsers) -> None:
                    "(0 = embedding, -1 = last block)")
     m.add_argument("--gen-layer", type=int, default=0, help="readout point of the vectors fed as "
                    "input embeddings (default 0: token-embedding space)")
-    m.add_argument("--reduction", default="mean", choices=["mean", "weighted", "last"])
+    m.add_argument("--reduction", default="mean", choices=["mean", "weighted", "last"], help="reduction of each answer's token vectors to one concept vector, for the summary and the generation test (default mean)")
     m.add_argument("--limit", type=int, default=None, help="use the first N items")
     m.add_argument("--data", default=None, help="a JSONL file of items (default: the shipped set)")
-    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     m.add_argument("--csv", default=None, help="write the long-form accuracy table here")
     m.set_defaults(func=_mc)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from embedwalk.models import add_model_arguments, model_from_args
+from embedwalk.cli_args import add_model_arguments, model_from_args
 
 # Modules that register more `embedwalk lens <name>` subcommands (walk, decompose, decode).
 LENS_SUBCOMMAND_MODULES = ["embedwalk.lenses.cli_walk"]
@@ -22,7 +22,14 @@ def _logit(args) -> int:
     model = model_from_args(args)
     translator = TunedLens.load(args.tuned, model) if args.tuned else None
     positions = "last" if args.last else None
-    res = logit_lens(model, args.text, positions=positions, targets=args.target, top_k=args.top_k,
+    targets = args.target
+    if args.last and targets is None:
+        # The last position has no next token: follow the model's own final prediction there
+        # instead, so each row says at which layer that prediction emerges.
+        first = logit_lens(model, args.text, positions="last", top_k=1, chunk_size=args.chunk_size)
+        targets = first.top_ids[-1, :, 0].tolist()
+        print("target: the model's own top-1 prediction at the last position (--target to choose another)")
+    res = logit_lens(model, args.text, positions=positions, targets=targets, top_k=args.top_k,
                      mid=args.mid, translator=translator, chunk_size=args.chunk_size)
     df = res.to_dataframe()
     if args.csv:
@@ -77,9 +84,10 @@ def add_subparser(subparsers) -> None:
     p = sub.add_parser("logit", help="logit (or tuned) lens of a text: top tokens, target rank, entropy, KL per layer")
     add_model_arguments(p)
     p.add_argument("text", nargs="+", help="one or more prompts")
-    p.add_argument("--target", default=None, help="a one-token target string for every position (default: the next token)")
+    p.add_argument("--target", default=None, help="a one-token target string for every position (default: the next token; with --last, "
+                   "the model's own top-1 prediction there)")
     p.add_argument("--last", action="store_true", help="only the last position of each prompt")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="top tokens kept per (readout, position) (default 5)")
     p.add_argument("--mid", action="store_true", help="also read each block's midpoint (after attention)")
     p.add_argument("--tuned", default=None, help="folder of a tuned lens to use as translator")
     p.add_argument("--chunk-size", type=int, default=None, help="(readout, position) rows read out at once")
@@ -94,10 +102,10 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--out", required=True, help="folder to write tuned_lens.safetensors + config.json")
     p.add_argument("--readouts", default=None, help="comma-separated readout indices (0 = embedding, l+1 = output of block l) or labels to train (default: all)")
     p.add_argument("--layers", default=None, help=argparse.SUPPRESS)  # renamed --readouts: refused with a message
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    p.add_argument("--step-tokens", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training text (default 2)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimizer of the translators (default adam)")
+    p.add_argument("--step-tokens", type=int, default=128, help="tokens per optimisation step (default 128)")
     p.set_defaults(func=_tuned_train)
 
     for name in LENS_SUBCOMMAND_MODULES:

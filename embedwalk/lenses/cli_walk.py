@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from embedwalk.errors import EmbedwalkError
-from embedwalk.models import add_model_arguments, model_from_args
+from embedwalk.cli_args import add_model_arguments, model_from_args
 
 __all__ = ["add_lens_subparsers"]
 
@@ -100,9 +100,9 @@ def add_lens_subparsers(lens_sub) -> None:
 
     p = lens_sub.add_parser("decompose", help="exact decomposition of a residual, with direct logit attribution")
     p.add_argument("text", help="the prompt")
-    p.add_argument("--layer", type=int, default=-1)
-    p.add_argument("--position", type=int, default=-1)
-    p.add_argument("--stage", default="post", choices=["pre", "mid", "post"])
+    p.add_argument("--layer", type=int, default=-1, help="block whose residual is decomposed (default -1: the last)")
+    p.add_argument("--position", type=int, default=-1, help="token position (default -1: the last)")
+    p.add_argument("--stage", default="post", choices=["pre", "mid", "post"], help="resid_pre, resid_mid or resid_post of the block (default post)")
     p.add_argument("--token", default=None, help="token (one-token string or id) to attribute; default: the model's prediction")
     p.add_argument("--top", type=int, default=15, help="rows to print")
     p.add_argument("--no-sources", action="store_true", help="skip the per-source-position split of heads")
@@ -110,11 +110,11 @@ def add_lens_subparsers(lens_sub) -> None:
     p.set_defaults(func=_decompose)
 
     p = lens_sub.add_parser("decode", help="generate, recording the walk through embedding space")
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("prompt", help="the prompt to continue")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default 20)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only (with --temperature)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this probability mass (with --temperature)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: unseeded)")
     _common(p)
     p.set_defaults(func=_decode)

@@ -4,36 +4,17 @@ Reproduces Li, Huang, Ildiz, Rawat & Oymak, "Mechanics of Next Token Prediction 
 Self-Attention" (AISTATS 2024) and bridges it to real TransformerLens heads.
 """
 
-from .graphs import PriorityGraphs, build_priority_graphs
-from .heads import HeadPriorityResult, graphs_from_tokens, retrieval_mask, retrieval_scores, score_heads
-from .model import HeadPriorityReader, head_priority
-from .reproduce import PAPER_VALUES, ReproductionResult, format_table, reproduce
-from .single_layer import TokenDataset, TrainingRun, generate_dataset, loss_and_grad, make_embeddings, run_experiment
-from .svm import SVMConstraints, finite_subspace, graph_svm, reduced_key_mask, svm_constraints
+from embedwalk._lazy import lazy_exports
 
-__all__ = [
-    "PriorityGraphs",
-    "build_priority_graphs",
-    "HeadPriorityResult",
-    "graphs_from_tokens",
-    "retrieval_mask",
-    "retrieval_scores",
-    "score_heads",
-    "HeadPriorityReader",
-    "head_priority",
-    "PAPER_VALUES",
-    "ReproductionResult",
-    "format_table",
-    "reproduce",
-    "TokenDataset",
-    "TrainingRun",
-    "generate_dataset",
-    "loss_and_grad",
-    "make_embeddings",
-    "run_experiment",
-    "SVMConstraints",
-    "finite_subspace",
-    "graph_svm",
-    "reduced_key_mask",
-    "svm_constraints",
-]
+__all__ = lazy_exports(__name__, {
+    "embedwalk.priority.graphs": ["PriorityGraphs", "build_priority_graphs"],
+    "embedwalk.priority.heads": [
+        "HeadPriorityResult", "graphs_from_tokens", "retrieval_mask", "retrieval_scores", "score_heads",
+    ],
+    "embedwalk.priority.model": ["HeadPriorityReader", "head_priority"],
+    "embedwalk.priority.reproduce": ["PAPER_VALUES", "ReproductionResult", "format_table", "reproduce"],
+    "embedwalk.priority.single_layer": [
+        "TokenDataset", "TrainingRun", "generate_dataset", "loss_and_grad", "make_embeddings", "run_experiment",
+    ],
+    "embedwalk.priority.svm": ["SVMConstraints", "finite_subspace", "graph_svm", "reduced_key_mask", "svm_constraints"],
+})

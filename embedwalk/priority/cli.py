@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from embedwalk.models import add_model_arguments, model_from_args
+from embedwalk.cli_args import add_model_arguments, model_from_args
 
 
 def add_subparser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -12,8 +12,6 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> argparse.Argument
 
     Each leaf sets ``func``; the main CLI runs ``return args.func(args)``.
     """
-    from .reproduce import _parser, cli
-
     priority = subparsers.add_parser("priority", help="token-priority graphs (Li et al., AISTATS 2024)")
     sub = priority.add_subparsers(dest="priority_command", metavar="{reproduce,heads}")
     sub.required = True
@@ -24,8 +22,8 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> argparse.Argument
         "corr(W, W_svm), the finite-component gap and the attention mass on the top SCC next to "
         "the paper's values. Exit status 1 if a checked value misses its target.",
     )
-    _parser(rep)
-    rep.set_defaults(func=cli)
+    add_reproduce_arguments(rep)
+    rep.set_defaults(func=_reproduce)
 
     heads = sub.add_parser(
         "heads",
@@ -41,6 +39,22 @@ def add_subparser(subparsers: "argparse._SubParsersAction") -> argparse.Argument
     heads.add_argument("--csv", help="write the full table here")
     heads.set_defaults(func=_heads)
     return priority
+
+
+def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``priority reproduce`` (here, so that ``--help`` imports no numpy or torch)."""
+    p.add_argument("--setting", choices=["cyclic", "acyclic", "both"], default="both",
+                   help="which of the paper's synthetic settings to run (default: both)")
+    p.add_argument("--datasets", type=int, default=10, help="random data sets per setting (paper: 10)")
+    p.add_argument("--iterations", type=int, default=4000, help="normalised-GD steps (paper: 4000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data sets and initialisations (default 0)")
+    p.add_argument("--plot", metavar="PATH", default=None, help="save the training curves to PATH (png/pdf)")
+
+
+def _reproduce(args) -> int:
+    from .reproduce import cli
+
+    return cli(args)
 
 
 def _heads(args) -> int:

@@ -193,12 +193,10 @@ def reproduce(
 
 
 def _parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from .cli import add_reproduce_arguments
+
     p = p or argparse.ArgumentParser(prog="embedwalk priority reproduce", description=__doc__.splitlines()[0])
-    p.add_argument("--setting", choices=["cyclic", "acyclic", "both"], default="both")
-    p.add_argument("--datasets", type=int, default=10, help="random data sets per setting (paper: 10)")
-    p.add_argument("--iterations", type=int, default=4000, help="normalised-GD steps (paper: 4000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="PATH", default=None, help="save the training curves to PATH (png/pdf)")
+    add_reproduce_arguments(p)
     return p
 
 

@@ -33,8 +33,10 @@ Format: ``manifest.json`` + ``shard-NNNNN.safetensors`` (columns ``tokens``, ``p
 ``metadata.parquet``. No pickle anywhere.
 """
 
-from embedwalk.store.distributed import merge
-from embedwalk.store.reader import ActivationStore, StoreBatch, open_store
-from embedwalk.store.writer import cache_activations, plan_hooks
+from embedwalk._lazy import lazy_exports
 
-__all__ = ["ActivationStore", "StoreBatch", "cache_activations", "merge", "open_store", "plan_hooks"]
+__all__ = lazy_exports(__name__, {
+    "embedwalk.store.distributed": ["merge"],
+    "embedwalk.store.reader": ["ActivationStore", "StoreBatch", "open_store"],
+    "embedwalk.store.writer": ["cache_activations", "plan_hooks"],
+})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from embedwalk.models import add_model_arguments, model_from_args
+from embedwalk.cli_args import add_model_arguments, model_from_args
 
 
 def add_subparser(subparsers) -> None:
@@ -20,9 +20,9 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--hooks", default=None, help="comma-separated: resid_post.5,final,final_normed,blocks.3.hook_resid_mid ...")
     p.add_argument("--layers", default=None, help="comma-separated layers for resid_post hooks (default: all) when --hooks is not given")
     p.add_argument("--positions", default="all", choices=["all", "last"], help="every non-pad token, or the last one of each prompt")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-mb", type=float, default=128.0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="storage type of the vectors (default bfloat16)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--shard-mb", type=float, default=128.0, help="size of each shard file in MB (default 128)")
     p.add_argument("--rank", type=int, default=None, help="this worker's rank (default: $RANK)")
     p.add_argument("--world-size", type=int, default=None, help="number of workers (default: $WORLD_SIZE)")
     p.add_argument("--merge", action="store_true", help="join the rank folders under --out into one store and exit")
