@@ -81,7 +81,9 @@ class BlockSpec:
     before it joins the residual (Gemma-2/3, OLMo-2), or None. ``residual_scale``: the factor
     both sublayer outputs are multiplied by before joining (Granite's residual multiplier),
     1.0 for most models. ``heads_exact``: whether ``sum_h z_h W_O[h] + b_O`` through that
-    post-norm and scale gives ``hook_attn_out`` (else ``heads_gap`` says by how much).
+    post-norm and scale gives ``hook_attn_out`` (else ``heads_gap`` says by how much, NaN when
+    the check could not run, and ``heads_why`` says why in words, e.g. which of ``hook_z`` and
+    ``hook_attn_out`` is unavailable).
     """
 
     layer: int
@@ -91,6 +93,7 @@ class BlockSpec:
     residual_scale: float = 1.0
     heads_exact: bool = True
     heads_gap: float = 0.0
+    heads_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,8 @@ class ModelAdapter:
         self.n_heads: int = int(cfg.n_heads)
         self.d_head: int = int(getattr(cfg, "d_head", self.d_model // self.n_heads))
         self.n_kv_heads: int = int(getattr(cfg, "n_key_value_heads", None) or self.n_heads)
+        self._ln_final, self._project_out = self._readout_modules()
         self.d_vocab: int = int(self.W_U.shape[-1])
-        self._check_readout()
         self._probe()
 
     # ------------------------------------------------------------------ identity
@@ -181,7 +184,8 @@ class ModelAdapter:
         return f"{type(self.model).__name__} ({self.architecture}; {self.mode})"
 
     def refuse(self, what: str, why: str, fix: str = "") -> ArchitectureError:
-        """An :class:`ArchitectureError` for ``what`` on this model, naming the architecture."""
+        """Returns (does not raise) an :class:`ArchitectureError` for ``what`` on this model,
+        naming the architecture; callers ``raise adapter.refuse(...)``."""
         return ArchitectureError(f"{what} is not available on {self._where()}: {why}" + (f". {fix}" if fix else ""))
 
     # ------------------------------------------------------------------ probe
@@ -218,6 +222,12 @@ class ModelAdapter:
             self.model.eval()
             with torch.no_grad():
                 logits = self.model(ids.to(self.device))
+        except Exception as exc:  # the model's own forward, not embedwalk's arithmetic, failed
+            raise ArchitectureError(
+                f"{self._where()}: the model's own forward pass failed on the probe ({type(exc).__name__}: "
+                f"{exc}). TransformerLens cannot run this configuration of {self.architecture}, so embedwalk "
+                "cannot serve it; the original error is chained below."
+            ) from exc
         finally:
             for h in handles:
                 h.remove()
@@ -268,7 +278,15 @@ class ModelAdapter:
         E, Pp = val("hook_embed"), val("hook_pos_embed")
         pre0 = self._HOOKS["resid_pre"].format(l=0)
         self.has_pos_embed = False
-        if E is not None and Pp is not None and gap(E + Pp, R0) <= tol:
+        if E is not None and E.shape[-1] != self.d_model:
+            # OPT with word_embed_proj_dim != hidden_size: hook_embed fires before project_in.
+            E = None
+        if E is None and Pp is not None and "hook_embed" in seen and gap((R0 - Pp)[0, 3], (R0 - Pp)[0, 9]) <= tol:
+            put("hook_embed", [(pre0, 1), ("hook_pos_embed", -1)],
+                "derived: resid_pre(0) - hook_pos_embed (hook_embed fires before project_in)")
+            put("hook_pos_embed", [("hook_pos_embed", 1)], "fires")
+            self.has_pos_embed = True
+        elif E is not None and Pp is not None and gap(E + Pp, R0) <= tol:
             put("hook_embed", [("hook_embed", 1)], "fires")
             put("hook_pos_embed", [("hook_pos_embed", 1)], "fires")
             self.has_pos_embed = True
@@ -313,6 +331,7 @@ class ModelAdapter:
                 "the logits are soft-capped or rescaled after the unembedding by a transform embedwalk "
                 f"does not see (median model/readout ratio {ratio:.3g})" if abs(ratio - 1) > 1e-3 else
                 "a module sits between the final residual and the logits that final norm -> unembed misses"
+                + ("" if self._ln_final is not None else " (no final norm was found: model.ln_final is absent)")
             )
             raise ArchitectureError(
                 f"load-time self-check failed on {self._where()}: readout(final resid_post) = final norm -> "
@@ -379,7 +398,7 @@ class ModelAdapter:
                         terms.pop(k, None)
                 attn, mlp = a, m
         for k, (t, how) in terms.items():
-            put(h(k), t, how if not any(n in self._flat_names(val) for n, _ in t) else how + " (flattened; reshaped)")
+            put(h(k), t, how)
         for k in ("z", "v", "pattern", "q", "k", "scores"):
             if val(h(k)) is not None:
                 put(h(k), [(h(k), 1)], "fires")
@@ -389,8 +408,12 @@ class ModelAdapter:
         post_a, post_m = self._post_norm(l, "ln1"), self._post_norm(l, "ln2")
         spec = dict(layer=l, layout="parallel" if parallel else "sequential", attn_post_norm=post_a, mlp_post_norm=post_m)
         z = val(h("z"))
-        if z is None or h("attn_out") not in self.sources:
-            return BlockSpec(**spec, heads_exact=False, heads_gap=float("inf"))
+        missing = [(n, self.unavailable.get(n, not_fired(n))) for n in (h("z"), h("attn_out"))
+                   if (val(n) is None if n == h("z") else n not in self.sources)]
+        if missing:
+            why = "; ".join(f"{n} is unavailable: {r}" for n, r in missing)
+            return BlockSpec(**spec, heads_exact=False, heads_gap=float("nan"),
+                             heads_why=why + ", so the heads cannot be checked against hook_attn_out")
         z = z.reshape(*z.shape[:2], self.n_heads, self.d_head)
         o = torch.einsum("bphd,hdm->bpm", z, self.W_O(l).detach().double())
         b_O = self.b_O(l)
@@ -403,17 +426,32 @@ class ModelAdapter:
         if abs(scale - 1) <= tol:
             scale = 1.0
         g = gap(scale * o, attn)
-        return BlockSpec(**spec, residual_scale=scale, heads_exact=g <= tol, heads_gap=g)
+        why = "" if g <= tol else (f"sum_h z_h W_O[h] + b_O (through the block's post-norm and residual scale) "
+                                   f"misses hook_attn_out by {g:.3g} on the probe (tolerance {tol:g})")
+        return BlockSpec(**spec, residual_scale=scale, heads_exact=g <= tol, heads_gap=g, heads_why=why)
 
-    @staticmethod
-    def _flat_names(val) -> set:
-        return set()
+    # Final norms that the wrapped Hugging Face model runs but the bridge maps no ln_final for:
+    # TL 4.3's OPT adapter drops ln_final whenever word_embed_proj_dim != hidden_size, yet HF's
+    # OPTDecoder still applies final_layer_norm (do_layer_norm_before=True) before project_out.
+    _HF_FINAL_NORMS = ("model.decoder.final_layer_norm",)
 
-    def _check_readout(self) -> None:
-        if not hasattr(self.model, "ln_final") or self.model.ln_final is None:
-            raise self.refuse(
-                "the readout", "this model has no final norm (model.ln_final); embedwalk's lenses read the "
-                "residual stream through final norm -> unembed, which this architecture does not use")
+    def _readout_modules(self):
+        """``(final norm or None, project_out or None)``: what lies between the final
+        ``resid_post`` and the unembed. The load-time self-check verifies the chain."""
+        norm = getattr(self.model, "ln_final", None)
+        proj = getattr(self.model, "project_out", None) if self.generation == "bridge" else None
+        if not isinstance(norm, torch.nn.Module) and self.generation == "bridge":
+            norm = None
+            hf = getattr(self.model, "original_model", None)
+            for path in self._HF_FINAL_NORMS:
+                mod = hf
+                for part in path.split("."):
+                    mod = getattr(mod, part, None)
+                if isinstance(mod, torch.nn.Module):
+                    norm = mod
+                    break
+        return (norm if isinstance(norm, torch.nn.Module) else None,
+                proj if isinstance(proj, torch.nn.Module) else None)
 
     _HOOKS = {
         "resid_pre": "blocks.{l}.hook_resid_pre",
@@ -584,7 +622,19 @@ class ModelAdapter:
     # ------------------------------------------------------------------ weights
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.model.W_U
+        """The unembedding as a map from the (final-normed) residual stream to logits.
+
+        The model's own ``W_U``, except where a ``project_out`` sits between the final norm and
+        the unembed (OPT with ``word_embed_proj_dim != hidden_size``): then it is
+        ``W_project_out^T @ W_U`` (computed in float64, cast to the model's dtype), so that
+        attributions and token vectors stay in the residual basis. :meth:`readout` calls the
+        modules themselves."""
+        if self._project_out is None:
+            return self.model.W_U
+        if getattr(self, "_W_U_folded", None) is None:
+            W = self._project_out.original_component.weight  # [d_proj, d_model]
+            self._W_U_folded = (W.detach().double().T @ self.model.W_U.detach().double()).to(W.dtype)
+        return self._W_U_folded
 
     @property
     def b_U(self) -> Optional[Float[Tensor, "d_vocab"]]:
@@ -593,7 +643,16 @@ class ModelAdapter:
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.model.W_E
+        """The token embedding in the residual basis: the model's own ``W_E``, or
+        ``W_E @ W_project_in^T`` where a ``project_in`` maps it into the residual stream (OPT
+        with ``word_embed_proj_dim != hidden_size``; float64 product cast to the model dtype)."""
+        proj = getattr(self.model, "project_in", None) if self.generation == "bridge" else None
+        if not isinstance(proj, torch.nn.Module):
+            return self.model.W_E
+        if getattr(self, "_W_E_folded", None) is None:
+            W = proj.original_component.weight  # [d_model, d_proj]
+            self._W_E_folded = (self.model.W_E.detach().double() @ W.detach().double().T).to(W.dtype)
+        return self._W_E_folded
 
     @property
     def W_pos(self) -> Optional[Float[Tensor, "n_ctx d_model"]]:
@@ -627,9 +686,11 @@ class ModelAdapter:
         offsets and compatibility-mode folding all stay exactly the model's. Its hook points do
         fire; embedwalk never attaches readers to ``ln_final`` hooks for that reason.
         """
+        if self._ln_final is None:  # none found: the self-check verified the readout without one
+            return x
         shape = x.shape
         flat = x.reshape(1, -1, shape[-1])  # TL norms expect [batch, pos, d_model]
-        return self.model.ln_final(flat).reshape(shape)
+        return self._ln_final(flat).reshape(shape)
 
     def output_transform(self, logits: Float[Tensor, "... d_vocab"]) -> Float[Tensor, "... d_vocab"]:
         """The model's own post-unembedding transform (Gemma-2's soft-cap, Granite's
@@ -656,7 +717,8 @@ class ModelAdapter:
         return self._output_scale
 
     def readout(self, x: Float[Tensor, "... d_model"], *, transform: bool = True) -> Float[Tensor, "... d_vocab"]:
-        """Logits of any residual vector: the model's final norm, then its own unembed module,
+        """Logits of any residual vector: the model's final norm, its ``project_out`` where it
+        has one (OPT with ``word_embed_proj_dim != hidden_size``), then its own unembed module,
         then its own output transform (:meth:`output_transform`; skipped with
         ``transform=False``). The load-time self-check verified that this reproduces the
         model's logits from its final ``resid_post``.
@@ -673,7 +735,10 @@ class ModelAdapter:
         pad = -n % _ROW_BLOCK
         if pad:
             flat = torch.cat([flat, flat.new_zeros(pad, shape[-1])])
-        logits = self.model.unembed(self.model.ln_final(flat[None]))[0]
+        h = flat[None] if self._ln_final is None else self._ln_final(flat[None])
+        if self._project_out is not None:
+            h = self._project_out(h)
+        logits = self.model.unembed(h)[0]
         if transform:
             logits = self.output_transform(logits)
         return logits[:n].reshape(*shape[:-1], logits.shape[-1])
