@@ -175,3 +175,24 @@ def test_heads_refusal_names_the_missing_hook():
     assert not spec.heads_exact and "inf" not in spec.heads_why and "hook_attn_out" in spec.heads_why
     with pytest.raises(ArchitectureError, match=r"blocks\.0\.hook_attn_out is unavailable"):
         decompose(model, torch.tensor([[1, 5, 17, 99]]), layer=1, position=-1, token=5)
+
+
+@pytest.mark.skipif(GEN != "bridge", reason="the known-gap table covers TL 4 bridges (TL 3 keeps no HF config)")
+def test_known_tl_conversion_gap_is_refused_with_an_escape_hatch():
+    """BLOOM with apply_residual_connection_post_layernorm in compatibility mode: TL's model is
+    itself off the HF model, which the self-check (against TL's output) cannot see."""
+    model, hf = _tiny("BloomConfig", "BloomForCausalLM", hidden_size=64, n_layer=2, n_head=8,
+                      apply_residual_connection_post_layernorm=True)
+    model.enable_compatibility_mode()
+    with pytest.raises(ArchitectureError, match=r"BloomForCausalLM.*apply_residual_connection_post_layernorm.*"
+                                                r"Use raw mode.*accept_known_tl_gaps=True"):
+        adapt(model)
+    a = adapt(model, accept_known_tl_gaps=True)
+    assert adapt(model) is a and a.known_tl_gap[0] == "BloomForCausalLM"
+    # the row is real: TL's compatibility-mode model misses HF's own log-probs
+    ids = torch.tensor([[1, 5, 17, 99, 3, 150, 42, 7]])
+    with torch.no_grad():
+        gap = (model(ids).double().log_softmax(-1) - hf(ids).logits.double().log_softmax(-1)).abs().max()
+    assert float(gap) > 0.1
+    raw, _ = _tiny_bloom_post_ln()
+    assert adapt(raw).known_tl_gap is None  # raw mode is exact and served
