@@ -31,7 +31,7 @@ from torch import Tensor
 
 from embedwalk.errors import ArchitectureError, EmbedwalkError
 
-__all__ = ["ModelAdapter", "adapt", "BlockSpec", "Source"]
+__all__ = ["ModelAdapter", "adapt", "BlockSpec", "Source", "KNOWN_TL_GAPS"]
 
 _ROW_BLOCK = 16
 
@@ -45,8 +45,16 @@ def _signature(model) -> tuple:
             getattr(W_U, "device", None), getattr(W_U, "data_ptr", lambda: None)())
 
 
-def adapt(model) -> "ModelAdapter":
-    """Return the (cached) adapter for ``model``; accepts an adapter too."""
+def adapt(model, *, accept_known_tl_gaps: bool = False) -> "ModelAdapter":
+    """Return the (cached) adapter for ``model``; accepts an adapter too.
+
+    Raises :class:`~embedwalk.errors.ArchitectureError` when the probe forward fails, the
+    self-check fails, or the model is a known TransformerLens conversion failure
+    (:data:`KNOWN_TL_GAPS`). ``accept_known_tl_gaps=True`` serves such a model anyway: every
+    number then describes TransformerLens's model, which differs from the Hugging Face model
+    by the listed gap. The adapter is cached, so one such call covers later implicit ones
+    (until the model's mode, dtype, device or unembedding changes).
+    """
     if isinstance(model, ModelAdapter):
         return model
     if not isinstance(model, torch.nn.Module):
@@ -57,9 +65,46 @@ def adapt(model) -> "ModelAdapter":
         )
     adapter = _ADAPTERS.get(model)
     if adapter is None or adapter._signature != _signature(model):
-        adapter = ModelAdapter(model)
+        adapter = ModelAdapter(model, accept_known_tl_gaps=accept_known_tl_gaps)
         _ADAPTERS[model] = adapter
     return adapter
+
+
+# Known TransformerLens conversion failures: configurations where TL's model itself (not
+# embedwalk) differs from the Hugging Face model, so the self-check (which compares against TL's
+# own output) cannot see them. Rows: (architecture, HF config condition in words, predicate on
+# the HF config, modes, max |log-prob| gap to HF measured on tiny random models with TL 4.3).
+# Modes: "raw" / "compat" (TL 4 bridge); TL 3's HookedTransformer keeps no HF config, so its
+# cases (BLOOM post-LN residual 7.7, Phi-3 partial_rotary_factor < 1 at 9.1 nats on TL 3.9)
+# are documented in the README only.
+KNOWN_TL_GAPS = (
+    ("Qwen2MoeForCausalLM", "shared_expert_intermediate_size > 0",
+     lambda c: (getattr(c, "shared_expert_intermediate_size", 0) or 0) > 0, ("compat",), 3.4),
+    ("BloomForCausalLM", "apply_residual_connection_post_layernorm=True",
+     lambda c: bool(getattr(c, "apply_residual_connection_post_layernorm", False)), ("compat",), 2.3),
+    ("Gemma3ForCausalLM", "attn_logit_softcapping set",
+     lambda c: getattr(c, "attn_logit_softcapping", None) is not None, ("raw", "compat"), 0.50),
+    ("OPTForCausalLM", "word_embed_proj_dim != hidden_size",
+     lambda c: getattr(c, "word_embed_proj_dim", c.hidden_size) != c.hidden_size, ("compat",), 3.9),
+)
+
+
+def _known_tl_gap(model) -> Optional[tuple]:
+    """The :data:`KNOWN_TL_GAPS` row that ``model`` (a TL 4 bridge) falls under, or None."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    if config is None:
+        return None
+    archs = tuple(getattr(config, "architectures", None) or ()) + (type(model.original_model).__name__,)
+    mode = "compat" if getattr(model, "compatibility_mode", False) else "raw"
+    for row in KNOWN_TL_GAPS:
+        arch, _, pred, modes, _ = row
+        if arch in archs and mode in modes:
+            try:
+                if pred(config):
+                    return row
+            except AttributeError:
+                continue
+    return None
 
 
 @dataclass(frozen=True)
@@ -81,7 +126,9 @@ class BlockSpec:
     before it joins the residual (Gemma-2/3, OLMo-2), or None. ``residual_scale``: the factor
     both sublayer outputs are multiplied by before joining (Granite's residual multiplier),
     1.0 for most models. ``heads_exact``: whether ``sum_h z_h W_O[h] + b_O`` through that
-    post-norm and scale gives ``hook_attn_out`` (else ``heads_gap`` says by how much).
+    post-norm and scale gives ``hook_attn_out`` (else ``heads_gap`` says by how much, NaN when
+    the check could not run, and ``heads_why`` says why in words, e.g. which of ``hook_z`` and
+    ``hook_attn_out`` is unavailable).
     """
 
     layer: int
@@ -91,6 +138,7 @@ class BlockSpec:
     residual_scale: float = 1.0
     heads_exact: bool = True
     heads_gap: float = 0.0
+    heads_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,7 +185,7 @@ class ModelAdapter:
     parallel block, a hook that cannot be derived) are raised when that capability asks.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, accept_known_tl_gaps: bool = False):
         hook_dict = getattr(model, "hook_dict", None)
         cfg = getattr(model, "cfg", None)
         if not hook_dict or cfg is None:
@@ -156,8 +204,20 @@ class ModelAdapter:
         self.n_heads: int = int(cfg.n_heads)
         self.d_head: int = int(getattr(cfg, "d_head", self.d_model // self.n_heads))
         self.n_kv_heads: int = int(getattr(cfg, "n_key_value_heads", None) or self.n_heads)
+        gap_row = _known_tl_gap(model) if self.generation == "bridge" else None
+        if gap_row is not None and not accept_known_tl_gaps:
+            arch, cond, _, _, measured = gap_row
+            raise ArchitectureError(
+                f"{self._where()}: TransformerLens's conversion of {arch} with {cond} in this mode is known "
+                f"to differ from the Hugging Face model (by up to {measured:g} nats of log-prob, measured on "
+                "tiny random models); embedwalk's self-check compares against TransformerLens's own output and "
+                "cannot see this, so it refuses rather than report numbers about a different model. "
+                + ("Use raw mode (no enable_compatibility_mode()), or " if "raw" not in gap_row[3] else "")
+                + "pass adapt(model, accept_known_tl_gaps=True) to study TransformerLens's model as it is."
+            )
+        self.known_tl_gap = gap_row
+        self._ln_final, self._project_out = self._readout_modules()
         self.d_vocab: int = int(self.W_U.shape[-1])
-        self._check_readout()
         self._probe()
 
     # ------------------------------------------------------------------ identity
@@ -181,7 +241,8 @@ class ModelAdapter:
         return f"{type(self.model).__name__} ({self.architecture}; {self.mode})"
 
     def refuse(self, what: str, why: str, fix: str = "") -> ArchitectureError:
-        """An :class:`ArchitectureError` for ``what`` on this model, naming the architecture."""
+        """Returns (does not raise) an :class:`ArchitectureError` for ``what`` on this model,
+        naming the architecture; callers ``raise adapter.refuse(...)``."""
         return ArchitectureError(f"{what} is not available on {self._where()}: {why}" + (f". {fix}" if fix else ""))
 
     # ------------------------------------------------------------------ probe
@@ -218,6 +279,12 @@ class ModelAdapter:
             self.model.eval()
             with torch.no_grad():
                 logits = self.model(ids.to(self.device))
+        except Exception as exc:  # the model's own forward, not embedwalk's arithmetic, failed
+            raise ArchitectureError(
+                f"{self._where()}: the model's own forward pass failed on the probe ({type(exc).__name__}: "
+                f"{exc}). TransformerLens cannot run this configuration of {self.architecture}, so embedwalk "
+                "cannot serve it; the original error is chained below."
+            ) from exc
         finally:
             for h in handles:
                 h.remove()
@@ -268,7 +335,15 @@ class ModelAdapter:
         E, Pp = val("hook_embed"), val("hook_pos_embed")
         pre0 = self._HOOKS["resid_pre"].format(l=0)
         self.has_pos_embed = False
-        if E is not None and Pp is not None and gap(E + Pp, R0) <= tol:
+        if E is not None and E.shape[-1] != self.d_model:
+            # OPT with word_embed_proj_dim != hidden_size: hook_embed fires before project_in.
+            E = None
+        if E is None and Pp is not None and "hook_embed" in seen and gap((R0 - Pp)[0, 3], (R0 - Pp)[0, 9]) <= tol:
+            put("hook_embed", [(pre0, 1), ("hook_pos_embed", -1)],
+                "derived: resid_pre(0) - hook_pos_embed (hook_embed fires before project_in)")
+            put("hook_pos_embed", [("hook_pos_embed", 1)], "fires")
+            self.has_pos_embed = True
+        elif E is not None and Pp is not None and gap(E + Pp, R0) <= tol:
             put("hook_embed", [("hook_embed", 1)], "fires")
             put("hook_pos_embed", [("hook_pos_embed", 1)], "fires")
             self.has_pos_embed = True
@@ -313,6 +388,7 @@ class ModelAdapter:
                 "the logits are soft-capped or rescaled after the unembedding by a transform embedwalk "
                 f"does not see (median model/readout ratio {ratio:.3g})" if abs(ratio - 1) > 1e-3 else
                 "a module sits between the final residual and the logits that final norm -> unembed misses"
+                + ("" if self._ln_final is not None else " (no final norm was found: model.ln_final is absent)")
             )
             raise ArchitectureError(
                 f"load-time self-check failed on {self._where()}: readout(final resid_post) = final norm -> "
@@ -379,7 +455,7 @@ class ModelAdapter:
                         terms.pop(k, None)
                 attn, mlp = a, m
         for k, (t, how) in terms.items():
-            put(h(k), t, how if not any(n in self._flat_names(val) for n, _ in t) else how + " (flattened; reshaped)")
+            put(h(k), t, how)
         for k in ("z", "v", "pattern", "q", "k", "scores"):
             if val(h(k)) is not None:
                 put(h(k), [(h(k), 1)], "fires")
@@ -389,8 +465,12 @@ class ModelAdapter:
         post_a, post_m = self._post_norm(l, "ln1"), self._post_norm(l, "ln2")
         spec = dict(layer=l, layout="parallel" if parallel else "sequential", attn_post_norm=post_a, mlp_post_norm=post_m)
         z = val(h("z"))
-        if z is None or h("attn_out") not in self.sources:
-            return BlockSpec(**spec, heads_exact=False, heads_gap=float("inf"))
+        missing = [(n, self.unavailable.get(n, not_fired(n))) for n in (h("z"), h("attn_out"))
+                   if (val(n) is None if n == h("z") else n not in self.sources)]
+        if missing:
+            why = "; ".join(f"{n} is unavailable: {r}" for n, r in missing)
+            return BlockSpec(**spec, heads_exact=False, heads_gap=float("nan"),
+                             heads_why=why + ", so the heads cannot be checked against hook_attn_out")
         z = z.reshape(*z.shape[:2], self.n_heads, self.d_head)
         o = torch.einsum("bphd,hdm->bpm", z, self.W_O(l).detach().double())
         b_O = self.b_O(l)
@@ -403,17 +483,32 @@ class ModelAdapter:
         if abs(scale - 1) <= tol:
             scale = 1.0
         g = gap(scale * o, attn)
-        return BlockSpec(**spec, residual_scale=scale, heads_exact=g <= tol, heads_gap=g)
+        why = "" if g <= tol else (f"sum_h z_h W_O[h] + b_O (through the block's post-norm and residual scale) "
+                                   f"misses hook_attn_out by {g:.3g} on the probe (tolerance {tol:g})")
+        return BlockSpec(**spec, residual_scale=scale, heads_exact=g <= tol, heads_gap=g, heads_why=why)
 
-    @staticmethod
-    def _flat_names(val) -> set:
-        return set()
+    # Final norms that the wrapped Hugging Face model runs but the bridge maps no ln_final for:
+    # TL 4.3's OPT adapter drops ln_final whenever word_embed_proj_dim != hidden_size, yet HF's
+    # OPTDecoder still applies final_layer_norm (do_layer_norm_before=True) before project_out.
+    _HF_FINAL_NORMS = ("model.decoder.final_layer_norm",)
 
-    def _check_readout(self) -> None:
-        if not hasattr(self.model, "ln_final") or self.model.ln_final is None:
-            raise self.refuse(
-                "the readout", "this model has no final norm (model.ln_final); embedwalk's lenses read the "
-                "residual stream through final norm -> unembed, which this architecture does not use")
+    def _readout_modules(self):
+        """``(final norm or None, project_out or None)``: what lies between the final
+        ``resid_post`` and the unembed. The load-time self-check verifies the chain."""
+        norm = getattr(self.model, "ln_final", None)
+        proj = getattr(self.model, "project_out", None) if self.generation == "bridge" else None
+        if not isinstance(norm, torch.nn.Module) and self.generation == "bridge":
+            norm = None
+            hf = getattr(self.model, "original_model", None)
+            for path in self._HF_FINAL_NORMS:
+                mod = hf
+                for part in path.split("."):
+                    mod = getattr(mod, part, None)
+                if isinstance(mod, torch.nn.Module):
+                    norm = mod
+                    break
+        return (norm if isinstance(norm, torch.nn.Module) else None,
+                proj if isinstance(proj, torch.nn.Module) else None)
 
     _HOOKS = {
         "resid_pre": "blocks.{l}.hook_resid_pre",
@@ -584,7 +679,19 @@ class ModelAdapter:
     # ------------------------------------------------------------------ weights
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.model.W_U
+        """The unembedding as a map from the (final-normed) residual stream to logits.
+
+        The model's own ``W_U``, except where a ``project_out`` sits between the final norm and
+        the unembed (OPT with ``word_embed_proj_dim != hidden_size``): then it is
+        ``W_project_out^T @ W_U`` (computed in float64, cast to the model's dtype), so that
+        attributions and token vectors stay in the residual basis. :meth:`readout` calls the
+        modules themselves."""
+        if self._project_out is None:
+            return self.model.W_U
+        if getattr(self, "_W_U_folded", None) is None:
+            W = self._project_out.original_component.weight  # [d_proj, d_model]
+            self._W_U_folded = (W.detach().double().T @ self.model.W_U.detach().double()).to(W.dtype)
+        return self._W_U_folded
 
     @property
     def b_U(self) -> Optional[Float[Tensor, "d_vocab"]]:
@@ -593,7 +700,16 @@ class ModelAdapter:
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.model.W_E
+        """The token embedding in the residual basis: the model's own ``W_E``, or
+        ``W_E @ W_project_in^T`` where a ``project_in`` maps it into the residual stream (OPT
+        with ``word_embed_proj_dim != hidden_size``; float64 product cast to the model dtype)."""
+        proj = getattr(self.model, "project_in", None) if self.generation == "bridge" else None
+        if not isinstance(proj, torch.nn.Module):
+            return self.model.W_E
+        if getattr(self, "_W_E_folded", None) is None:
+            W = proj.original_component.weight  # [d_model, d_proj]
+            self._W_E_folded = (self.model.W_E.detach().double() @ W.detach().double().T).to(W.dtype)
+        return self._W_E_folded
 
     @property
     def W_pos(self) -> Optional[Float[Tensor, "n_ctx d_model"]]:
@@ -627,9 +743,11 @@ class ModelAdapter:
         offsets and compatibility-mode folding all stay exactly the model's. Its hook points do
         fire; embedwalk never attaches readers to ``ln_final`` hooks for that reason.
         """
+        if self._ln_final is None:  # none found: the self-check verified the readout without one
+            return x
         shape = x.shape
         flat = x.reshape(1, -1, shape[-1])  # TL norms expect [batch, pos, d_model]
-        return self.model.ln_final(flat).reshape(shape)
+        return self._ln_final(flat).reshape(shape)
 
     def output_transform(self, logits: Float[Tensor, "... d_vocab"]) -> Float[Tensor, "... d_vocab"]:
         """The model's own post-unembedding transform (Gemma-2's soft-cap, Granite's
@@ -656,7 +774,8 @@ class ModelAdapter:
         return self._output_scale
 
     def readout(self, x: Float[Tensor, "... d_model"], *, transform: bool = True) -> Float[Tensor, "... d_vocab"]:
-        """Logits of any residual vector: the model's final norm, then its own unembed module,
+        """Logits of any residual vector: the model's final norm, its ``project_out`` where it
+        has one (OPT with ``word_embed_proj_dim != hidden_size``), then its own unembed module,
         then its own output transform (:meth:`output_transform`; skipped with
         ``transform=False``). The load-time self-check verified that this reproduces the
         model's logits from its final ``resid_post``.
@@ -673,7 +792,10 @@ class ModelAdapter:
         pad = -n % _ROW_BLOCK
         if pad:
             flat = torch.cat([flat, flat.new_zeros(pad, shape[-1])])
-        logits = self.model.unembed(self.model.ln_final(flat[None]))[0]
+        h = flat[None] if self._ln_final is None else self._ln_final(flat[None])
+        if self._project_out is not None:
+            h = self._project_out(h)
+        logits = self.model.unembed(h)[0]
         if transform:
             logits = self.output_transform(logits)
         return logits[:n].reshape(*shape[:-1], logits.shape[-1])

@@ -2,6 +2,8 @@
 exact against the Hugging Face model itself, or refused with an ArchitectureError naming the
 architecture; see tests/architectures.py for the cells and their independent references."""
 
+import functools
+
 import pytest
 import torch
 
@@ -96,3 +98,101 @@ def test_adapter_reprobes_when_the_mode_changes():
     model.enable_compatibility_mode()
     compat = adapt(model)
     assert compat is not raw and compat.compat and compat.readout_gap <= 2e-5
+
+
+def _tiny(config: str, cls: str, **kw):
+    """A tiny stressed HF model (2 layers, d_model 64, vocab 200) wrapped as a bridge, and a pristine copy."""
+    import copy
+
+    import transformers
+
+    from embedwalk.models import wrap
+    from embedwalk.testing import _stress, tiny_tokenizer
+
+    cfg = getattr(transformers, config)(bos_token_id=1, eos_token_id=1, pad_token_id=0, initializer_range=0.2,
+                                        vocab_size=200, **kw)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = getattr(transformers, cls)(cfg)
+    _stress(hf, 0)
+    hf.eval()
+    model = wrap(copy.deepcopy(hf), tiny_tokenizer(vocab=200, pad_token="<unk>"), generation="bridge", name="tiny-x")
+    return model, hf
+
+
+def _tiny_opt(**overrides):
+    kw = dict(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, max_position_embeddings=128,
+              word_embed_proj_dim=64, do_layer_norm_before=True)
+    return _tiny("OPTConfig", "OPTForCausalLM", **{**kw, **overrides})
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_bloom_post_ln():
+    return _tiny("BloomConfig", "BloomForCausalLM", hidden_size=64, n_layer=2, n_head=8,
+                 apply_residual_connection_post_layernorm=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _opt_project_out():
+    return _tiny_opt(word_embed_proj_dim=32)
+
+
+@pytest.mark.skipif(GEN != "bridge", reason="TL 4 bridge: OPT's project_in/project_out mapping")
+def test_opt_project_out_readout_is_exact():
+    """word_embed_proj_dim 32 != hidden 64: final norm -> project_out -> unembed, against HF."""
+    model, hf = _opt_project_out()
+    a = adapt(model)
+    ids = torch.tensor([[1, 5, 17, 99, 3, 150, 42, 7]])
+    with torch.no_grad():
+        out = hf(ids, output_hidden_states=True)
+        dec = hf.model.decoder
+        x = out.hidden_states[1]  # resid after block 0: a point where a missing project_out would show
+        want = hf.lm_head(dec.project_out(dec.final_layer_norm(x)))
+        got = a.readout(x)
+        assert float((got - want).abs().max()) <= 1e-4
+        # the folded unembedding and embedding stay in the residual basis
+        normed = dec.final_layer_norm(x)
+        assert float((normed @ a.W_U + (a.b_U if a.b_U is not None else 0) - want).abs().max()) <= 1e-4
+        emb = dec.project_in(dec.embed_tokens(ids))
+        assert float((a.W_E[ids] - emb).abs().max()) <= 1e-5
+    assert a.source("hook_embed").how.startswith("derived")
+
+
+@pytest.mark.skipif(GEN != "bridge", reason="TL 4 bridge: post-LN OPT fails inside TransformerLens's forward")
+def test_a_failing_model_forward_becomes_an_architecture_error():
+    model, _ = _tiny_opt(do_layer_norm_before=False)
+    with pytest.raises(ArchitectureError, match=r"OPTForCausalLM.*raw.*model's own forward pass failed") as err:
+        adapt(model)
+    assert err.value.__cause__ is not None
+
+
+@pytest.mark.skipif(GEN != "bridge", reason="TL 4 bridge: BLOOM's post-layernorm residual fires no exact attn_out")
+def test_heads_refusal_names_the_missing_hook():
+    from embedwalk.lenses.decompose import decompose
+
+    model, _ = _tiny_bloom_post_ln()
+    spec = adapt(model).blocks[0]
+    assert not spec.heads_exact and "inf" not in spec.heads_why and "hook_attn_out" in spec.heads_why
+    with pytest.raises(ArchitectureError, match=r"blocks\.0\.hook_attn_out is unavailable"):
+        decompose(model, torch.tensor([[1, 5, 17, 99]]), layer=1, position=-1, token=5)
+
+
+@pytest.mark.skipif(GEN != "bridge", reason="the known-gap table covers TL 4 bridges (TL 3 keeps no HF config)")
+def test_known_tl_conversion_gap_is_refused_with_an_escape_hatch():
+    """BLOOM with apply_residual_connection_post_layernorm in compatibility mode: TL's model is
+    itself off the HF model, which the self-check (against TL's output) cannot see."""
+    model, hf = _tiny("BloomConfig", "BloomForCausalLM", hidden_size=64, n_layer=2, n_head=8,
+                      apply_residual_connection_post_layernorm=True)
+    model.enable_compatibility_mode()
+    with pytest.raises(ArchitectureError, match=r"BloomForCausalLM.*apply_residual_connection_post_layernorm.*"
+                                                r"Use raw mode.*accept_known_tl_gaps=True"):
+        adapt(model)
+    a = adapt(model, accept_known_tl_gaps=True)
+    assert adapt(model) is a and a.known_tl_gap[0] == "BloomForCausalLM"
+    # the row is real: TL's compatibility-mode model misses HF's own log-probs
+    ids = torch.tensor([[1, 5, 17, 99, 3, 150, 42, 7]])
+    with torch.no_grad():
+        gap = (model(ids).double().log_softmax(-1) - hf(ids).logits.double().log_softmax(-1)).abs().max()
+    assert float(gap) > 0.1
+    raw, _ = _tiny_bloom_post_ln()
+    assert adapt(raw).known_tl_gap is None  # raw mode is exact and served

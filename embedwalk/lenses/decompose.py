@@ -381,9 +381,7 @@ def decompose(
     for l in range(layer + 1):
         spec = a.blocks[l]
         if not spec.heads_exact and (l < layer or stage != "pre"):
-            raise a.refuse(
-                f"decompose through block {l}", "its heads (sum_h z_h W_O[h] + b_O, through the block's "
-                f"post-norm and residual scale) miss hook_attn_out by {spec.heads_gap:.3g} on the probe")
+            raise a.refuse(f"decompose through block {l}", f"its heads cannot be attributed exactly: {spec.heads_why}")
     tokens, mask = tokenize(a, inputs, attention_mask, prepend_bos=prepend_bos)
     if tokens.shape[0] != 1:
         raise EmbedwalkError(
