@@ -172,12 +172,15 @@ def main():
     p.add_argument("--generation", default=None)
     p.add_argument("--no-smollm2", action="store_true")
     p.add_argument("--no-sweep", action="store_true", help="skip the sweep and downstream-memory tables")
+    p.add_argument("--tiny-model", action="store_true", help="a tiny random GPT-2 instead of GPT-2-small (tests)")
+    p.add_argument("--pos", type=int, default=128, help="tokens per prompt of the swap table")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, 3 with --quick)")
     args = p.parse_args()
     from embedwalk.testing import installed_generation
 
     gen = args.generation or installed_generation()
-    repeats = 3 if args.quick else 7
-    batch, pos = (4, 128)
+    repeats = args.repeats or (3 if args.quick else 7)
+    batch, pos = 4, args.pos
     rows, sweeps, memory = [], [], []
     if not args.no_smollm2:
         sm = ew.load_model("smollm2", generation=gen, device=args.device)
@@ -186,8 +189,14 @@ def main():
             sweeps += bench_sweep("SmolLM2-135M, 3 texts", sm, 1 if args.quick else 3)
             memory += bench_downstream_memory("SmolLM2-135M", sm, 49152, args.device, (8, 32) if args.quick else (8, 32, 64))
         del sm
-    g2 = gpt2_small_random(gen, args.device)
-    rows += bench(f"GPT-2-small random {batch}x{pos}", g2, torch.randint(2, 50257, (batch, pos)), repeats, args.device)
+    if args.tiny_model:
+        from embedwalk.testing import tiny_model
+
+        g2 = tiny_model("gpt2", gen).to(args.device)
+        rows += bench(f"tiny GPT-2 {batch}x{pos}", g2, torch.randint(2, ew.adapt(g2).d_vocab, (batch, pos)), repeats, args.device)
+    else:
+        g2 = gpt2_small_random(gen, args.device)
+        rows += bench(f"GPT-2-small random {batch}x{pos}", g2, torch.randint(2, 50257, (batch, pos)), repeats, args.device)
     print(f"\ndevice {args.device}, TL generation {gen}, torch threads {torch.get_num_threads()}, median of {repeats}")
     print(f"{'model':<28} {'method':<28} {'ms':>9} {'x anchor':>9} {'peak extra MiB':>15}")
     for r in rows:
