@@ -1,10 +1,14 @@
 """Logit lens: embedwalk (all readouts, all positions, every metric) vs TransformerLens 4.3's
-``tools.analysis.logit_lens`` (next-token targets alone) vs the naive materialised lens.
+``tools.analysis.logit_lens`` (next-token targets alone) vs the naive materialised lens, and
+vs the floor: the readout GEMMs alone (every readout x every position through the
+unembedding, in chunks of 1024 rows, nothing else).
 
 Each method runs in its own subprocess so peak memory is its own: on CPU the growth of the
 process's max RSS over a warmed-up plain forward pass (tracemalloc cannot see torch's CPU
-allocations), on CUDA ``torch.cuda.max_memory_allocated`` over the same baseline. Times are
-the median of ``--runs`` runs after one warm-up. Nothing is asserted.
+allocations), on CUDA ``torch.cuda.max_memory_allocated`` over the same baseline. The
+subprocesses run in turns, ``--runs`` rounds of every method (one warm-up and one timed run
+each), so drift on a shared machine hits every method alike; times are the median over
+rounds. Nothing is asserted.
 
     python benchmarks/bench_logit_lens.py --model gpt2-small-shape --runs 3
     python benchmarks/bench_logit_lens.py --model smollm2 --runs 3
@@ -23,15 +27,20 @@ import time
 
 import torch
 
-METHODS = ["forward", "embedwalk", "tl_logit_lens", "naive"]
+METHODS = ["forward", "gemm", "embedwalk", "tl_logit_lens", "naive"]
 
 
 def build(model_name: str, generation: str, device: str):
     from embedwalk.models import load_model, wrap
-    from embedwalk.testing import tiny_tokenizer
+    from embedwalk.testing import installed_generation, tiny_tokenizer
 
+    generation = generation or installed_generation()
     if model_name == "smollm2":
         return load_model("smollm2", generation=generation, device=device)
+    if model_name == "tiny":  # toy size, for the test of the benchmark scripts
+        from embedwalk.testing import tiny_model
+
+        return tiny_model("gpt2", generation).to(device)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -54,6 +63,10 @@ def worker(args) -> None:
     tokens = torch.randint(100, a.d_vocab, (args.batch, args.seq), generator=g).to(a.device)
     targets = torch.cat([tokens[:, 1:], tokens[:, -1:]], 1)
     cuda = a.device.type == "cuda"
+    if args.worker == "gemm":
+        n_rows = len(a.readout_points()) * args.batch * args.seq
+        x_rows = torch.randn(n_rows, a.d_model, generator=g).to(device=a.device, dtype=a.dtype)
+        W_U = a.W_U.detach().contiguous()
 
     def sync():
         if cuda:
@@ -72,6 +85,8 @@ def worker(args) -> None:
                 tl_logit_lens(model, tokens, positions=None, targets=targets)
         elif args.worker == "naive":
             naive(model, a, tokens, targets)
+        elif args.worker == "gemm":
+            gemm_floor(x_rows, W_U)
 
     with torch.no_grad():
         model(tokens)  # baseline: a warmed-up plain forward pass
@@ -92,6 +107,13 @@ def worker(args) -> None:
 
 
 @torch.no_grad()
+def gemm_floor(x_rows, W_U, chunk=1024):
+    """The arithmetic no logit lens can avoid: every (readout, position) row times W_U."""
+    for i in range(0, x_rows.shape[0], chunk):
+        x_rows[i : i + chunk] @ W_U
+
+
+@torch.no_grad()
 def naive(model, a, tokens, targets):
     """Stack every readout, final norm, unembed, then every metric over the full tensor."""
     points = a.readout_points()
@@ -109,8 +131,8 @@ def naive(model, a, tokens, targets):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gpt2-small-shape", choices=["gpt2-small-shape", "smollm2"])
-    p.add_argument("--generation", default="bridge")
+    p.add_argument("--model", default="gpt2-small-shape", choices=["gpt2-small-shape", "smollm2", "tiny"])
+    p.add_argument("--generation", default=None, help="bridge or hooked (default: the installed TransformerLens)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -122,24 +144,32 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    rows = {}
-    for m in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--worker", m] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "methods") and v is not None
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode or not lines:
-            print(f"{m}: failed\n{out.stderr[-1500:]}", file=sys.stderr)
-            continue
-        rows[m] = json.loads(lines[-1])
+    methods = args.methods.split(",")
+    runs: dict[str, list] = {m: [] for m in methods}
+    for _ in range(args.runs):
+        for m in methods:
+            cmd = [sys.executable, __file__, "--worker", m, "--runs=1"] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k not in ("worker", "methods", "runs") and v is not None
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode or not lines:
+                print(f"{m}: failed\n{out.stderr[-1500:]}", file=sys.stderr)
+                continue
+            runs[m].append(json.loads(lines[-1]))
+    rows = {m: {"median_s": statistics.median(r["median_s"] for r in rs), "peak_extra_mb": max(r["peak_extra_mb"] for r in rs)}
+            for m, rs in runs.items() if rs}
+    floor = rows.get("gemm", {}).get("median_s")
     tl = rows.get("tl_logit_lens", {}).get("median_s")
     print(f"\nlogit lens, {args.model}, {args.batch} x {args.seq} tokens, device {args.device}, "
-          f"{args.threads} threads, torch {torch.__version__}, median of {args.runs}")
-    print(f"{'method':<16}{'time (s)':>10}{'TL / this':>11}{'peak extra (MB)':>17}")
+          f"{args.threads} threads, torch {torch.__version__}, median of {args.runs} rounds in turns "
+          "(gemm: the readout GEMMs alone)")
+    print(f"{'method':<16}{'time (s)':>10}{'TL / this':>11}{'x GEMM floor':>14}{'peak extra (MB)':>17}")
     for m, r in rows.items():
         ratio = f"{tl / r['median_s']:.2f}x" if tl else "-"
-        print(f"{m:<16}{r['median_s']:>10.3f}{ratio:>11}{r['peak_extra_mb']:>17.0f}")
+        over = f"{r['median_s'] / floor:.2f}x" if floor else "-"
+        print(f"{m:<16}{r['median_s']:>10.3f}{ratio:>11}{over:>14}{r['peak_extra_mb']:>17.0f}")
 
 
 if __name__ == "__main__":

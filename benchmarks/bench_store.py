@@ -161,6 +161,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-child", nargs=2)
     ap.add_argument("--smollm2-only", action="store_true")
+    ap.add_argument("--prompts", type=int, default=128, help="prompts of the tiny-model tables")
+    ap.add_argument("--no-rss", action="store_true", help="skip the memory-growth table (subprocesses)")
     args = ap.parse_args()
     if args.rss_child:
         rss_child(int(args.rss_child[0]), args.rss_child[1])
@@ -169,7 +171,7 @@ def main():
     from embedwalk.testing import installed_generation, tiny_model
 
     tiny = tiny_model("gpt2", d_model=256, layers=4)
-    tt = texts_for(tiny, 128, 32)
+    tt = texts_for(tiny, args.prompts, 32)
     if not args.smollm2_only:
         run_tiny(tiny, tt, args)
     if args.quick:
@@ -184,7 +186,8 @@ def main():
 def run_tiny(tiny, tt, args):
     throughput(tiny, tt, 16, [("cache all layers+final (bf16)", {}), ("cache final, last pos (bf16)", {"hooks": ["final"], "positions": "last"})], args.repeats)
     read_speed(tiny, tt * 2)
-    rss(100)
+    if not args.no_rss:
+        rss(100)
 
 
 if __name__ == "__main__":

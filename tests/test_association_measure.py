@@ -146,3 +146,82 @@ def test_value_offset_is_the_value_bias_through_the_norm():
     else:
         processed = tiny_model("gpt2", "hooked", stress=True, processed=True)
     assert value_offset(ew.adapt(processed)).abs().max() < 1e-5
+
+
+def _one_forward_per_unit(model, tokens, mask, targets):
+    """The swap as one plain forward per unit (pattern method), metrics in float64."""
+    lo, fo = _logits_and_final(model, tokens, mask, [])
+    ls, fs = _logits_and_final(model, tokens, mask, [UniformSwap(targets, method="pattern")])
+    po, ps = lo.log_softmax(-1), ls.log_softmax(-1)
+    pair = mask[:, :-1] & mask[:, 1:]
+    tgt = tokens[:, 1:, None]
+    return {
+        "loss_original": -po[:, :-1].gather(-1, tgt)[..., 0][pair].mean(),
+        "loss_swapped": -ps[:, :-1].gather(-1, tgt)[..., 0][pair].mean(),
+        "kl": (po.exp() * (po - ps)).sum(-1)[mask].mean(),
+        "top1_agreement": (po.argmax(-1) == ps.argmax(-1))[mask].double().mean(),
+        "composite_cosine": torch.nn.functional.cosine_similarity(fo, fs, dim=-1)[mask].mean(),
+    }
+
+
+def test_sweep_reuses_work_and_equals_one_forward_per_unit(tiny_arch, capsys):
+    """Resumed passes, head swaps packed as row groups (split over several forwards) and
+    several prompt batches give every row of the one-forward-per-unit computation."""
+    a = ew.adapt(tiny_arch)
+    tokens, mask = ew.tokenize(a, TEXTS, padding_side="left")
+    res = sweep(tiny_arch, tokens, attention_mask=mask, batch_size=3, rows_per_forward=7, progress=False)
+    assert capsys.readouterr().err == ""
+    t = res.table
+    for _, row in t.iterrows():
+        targets = "all" if row.unit == "all" else [int(row.layer)] if row.unit == "layer" else [(int(row.layer), int(row["head"]))]
+        want = _one_forward_per_unit(tiny_arch, tokens, mask, targets)
+        for k, v in want.items():
+            assert abs(row[k] - float(v)) < 1e-5, (row.unit, row.layer, row["head"], k, row[k], float(v))
+    assert (t.kl > 0).all() and len(t) == 1 + a.n_layers * (1 + a.n_heads)
+    sweep(tiny_arch, TEXTS[:2], units=["layer"], layers=[1], progress=True)
+    assert "swap sweep" in capsys.readouterr().err
+
+
+def test_resume_skips_earlier_blocks(tiny_arch):
+    """Blocks before the resumed layer do not compute their MLP (the bypass fires no hook there)."""
+    from embedwalk.association.prefix import Resume
+
+    a = ew.adapt(tiny_arch)
+    tokens, mask = ew.tokenize(a, SAME_LEN)
+    seen = []
+
+    class Seen(ew.Reader):
+        def hook_points(self, adapter):
+            return [adapter.hook("resid_pre", 1), adapter.hook("mlp_out", 1)]
+
+        def read(self, name, value, ctx):
+            seen.append(name)
+
+    resid = torch.randn(*tokens.shape, a.d_model)
+    logits = []
+    ew.run(tiny_arch, tokens, readers=[Seen()], writers=[Resume(1, resid)], on_logits=lambda lg, ctx: logits.append(lg))
+    with torch.no_grad():
+        want = tiny_arch(resid, start_at_layer=1) if a.generation == "hooked" else None
+    if want is not None:
+        assert torch.allclose(logits[0], want, atol=1e-5)
+    assert seen == [a.hook("resid_pre", 1), a.hook("mlp_out", 1)]
+    assert Resume(1, resid).bypasses(a, watched=frozenset(), taken=frozenset(), ctx=None)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gpt_neo"])
+def test_sweep_averages_over_the_keys_each_layer_reaches(family):
+    """On sliding-window layers a sweep's layer and head rows equal `downstream` with the same
+    targets (UniformSwap's default: the keys the layer's own attention reaches), on text longer
+    than the window, so averaging over the whole prefix would differ."""
+    from embedwalk.testing import matrix_case, matrix_modes
+
+    model, _ = matrix_case(family, matrix_modes(family)[0])
+    a = ew.adapt(model)
+    windowed = [l for l in range(a.n_layers) if a.attention_window(l) is not None]
+    assert windowed and all(a.attention_window(l) < 10 for l in windowed)
+    text = " ".join(f"w{5 + (7 * i) % 150}" for i in range(14))
+    res = sweep(model, text, units=["layer", "head"], layers=windowed, progress=False).table
+    for _, row in res.iterrows():
+        targets = [int(row.layer)] if row.unit == "layer" else [(int(row.layer), int(row["head"]))]
+        want = downstream(model, text, targets, method="pattern")
+        assert abs(row.kl - want.kl) < 1e-5 and abs(row.loss_swapped - want.loss_swapped) < 1e-5

@@ -23,9 +23,11 @@ from embedwalk._summary import summary_repr
 from embedwalk.adapter import adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
-from embedwalk.run import Context, Reader, run
+from embedwalk.run import Context, Reader, Writer, run
+from embedwalk.association.prefix import Resume
 from embedwalk.association.probes import value_offset
-from embedwalk.association.swap import Targets, UniformSwap, _heads_view, _reachable, uniform_z
+from embedwalk.association.swap import Targets, UniformSwap, _heads_view, _reachable, resolve_targets, uniform_z
+from embedwalk.reduce import rowdot
 
 __all__ = [
     "AssociationReader", "AssociationBias", "association_bias", "SwapEffect", "downstream",
@@ -192,43 +194,148 @@ def association_bias(
 
 
 # --------------------------------------------------------------------------- downstream
-class _Final(Reader):
-    """Puts the final residual (the composite vector) at each valid position on the batch's record."""
+class _Residuals(Reader):
+    """Keeps the current batch's final residual (the composite vector, float32, valid positions)
+    and, optionally, the residual entering chosen layers (for resuming a pass there)."""
 
-    def __init__(self, out: list):
-        self.out = out
+    def __init__(self, layers: Sequence[int] = ()):
+        self.layers = list(layers)
+        self.final: Optional[Tensor] = None
+        self.pre: dict[int, Tensor] = {}
 
     def hook_points(self, adapter):
-        return [adapter.final_resid_hook]
+        return [adapter.hook("resid_pre", l) for l in self.layers] + [adapter.final_resid_hook]
 
     def read(self, name, value, ctx):
-        ctx.state["ew_final"] = value[ctx.batch.mask.to(value.device)].to(torch.float32)
-
-    def end_batch(self, ctx):  # on_logits has already appended this batch's record
-        self.out[-1].final = ctx.state.pop("ew_final")
+        if name == ctx.adapter.final_resid_hook:
+            self.final = value.to(torch.float32)
+        else:
+            self.pre[int(name.split(".")[1])] = value.detach().clone()
 
 
 @dataclass
-class _Pass:
+class _Reference:
+    """The original pass over one batch of prompts, reduced to what a comparison needs."""
+
+    mask: Tensor  # [batch, pos] bool
     logp: Tensor  # [n_valid, vocab] float32
-    nll: Tensor  # [n_pred] next-token loss at positions whose next token is real
-    final: Tensor  # [n_valid, d_model]
+    top1: Tensor  # [n_valid]
+    final: Tensor  # [n_valid, d_model] float32
+    nll: Tensor  # [n_pred] float64
+    pre: dict  # layer -> residual entering it [batch, pos, d_model]
 
 
-def _passes(adapter, tokens, mask, writers, batch_size) -> list[_Pass]:
-    out: list[_Pass] = []
+@dataclass
+class _Sums:
+    """Per-swap running sums over batches: peak memory does not grow with the number of tokens."""
+
+    nll_o: float = 0.0
+    nll_s: float = 0.0
+    n_pred: int = 0
+    kl: float = 0.0
+    agree: float = 0.0
+    cos: float = 0.0
+    n: int = 0
+
+
+def _next_token_nll(logp: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """-log p(next token) at positions whose next token is real, float64."""
+    has_next = mask[:, :-1] & mask[:, 1:]
+    nll = -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    return nll[has_next].double()
+
+
+def _reference(adapter, tokens, mask, layers=()) -> _Reference:
+    res = _Residuals(layers)
+    keep: list = []
 
     def on_logits(logits, ctx):
-        m = ctx.batch.mask.to(logits.device)
         logp = logits.to(torch.float32).log_softmax(-1)
-        has_next = m[:, :-1] & m[:, 1:]
-        target = ctx.batch.tokens.to(logits.device)[:, 1:]
-        nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0][has_next]
-        out.append(_Pass(logp[m], nll, None))
+        m = mask.to(logp.device)
+        keep.append((logp[m], _next_token_nll(logp, tokens.to(logp.device), m)))
 
-    run(adapter.model, tokens, attention_mask=mask, readers=[_Final(out)], writers=writers,
-        batch_size=batch_size, progress=False, on_logits=on_logits)
-    return out
+    run(adapter.model, tokens, attention_mask=mask, readers=[res], batch_size=len(tokens),
+        progress=False, on_logits=on_logits)
+    (logp, nll), = keep
+    final = res.final[mask.to(res.final.device)]
+    return _Reference(mask, logp, logp.argmax(-1), final, nll, res.pre)
+
+
+def _accumulate(sums: _Sums, ref: _Reference, logits: Tensor, final: Tensor, tokens: Tensor) -> None:
+    """Add one swapped batch's loss, KL(original || swapped), top-1 agreement and cosine."""
+    m = ref.mask.to(logits.device)
+    logp = logits.to(torch.float32).log_softmax(-1)
+    nll = _next_token_nll(logp, tokens.to(logp.device), m)
+    lp = logp[m]
+    del logp
+    # KL = sum p_o (log p_o - log p_s), one product over the vocabulary summed in float64 blocks
+    diff = ref.logp - lp
+    sums.kl += float(rowdot(ref.logp.exp(), diff).sum())
+    sums.agree += float((ref.top1 == lp.argmax(-1)).sum())
+    sums.cos += float(F.cosine_similarity(ref.final, final[m.to(final.device)], dim=-1).double().sum())
+    sums.nll_o += float(ref.nll.sum())
+    sums.nll_s += float(nll.sum())
+    sums.n_pred += int(nll.numel())
+    sums.n += int(lp.shape[0])
+
+
+def _effect(targets, sums: _Sums) -> "SwapEffect":
+    if sums.n_pred == 0:
+        raise EmbedwalkError("the text has no next-token pairs: pass prompts of at least two tokens")
+    return SwapEffect(targets, sums.nll_o / sums.n_pred, sums.nll_s / sums.n_pred, sums.kl / sums.n,
+                      sums.agree / sums.n, sums.cos / sums.n, sums.n)
+
+
+def _swapped_pass(adapter, tokens, mask, writers, refs: list, sums: list) -> None:
+    """One forward of ``len(refs)`` row groups (copies of one prompt batch, each with its own
+    swap) under ``writers``; adds row group ``g``'s comparison with ``refs[g]`` to ``sums[g]``."""
+    res = _Residuals()
+
+    def on_logits(logits, ctx):
+        rows = logits.shape[0] // len(refs)
+        for g, (ref, acc) in enumerate(zip(refs, sums)):
+            part = slice(g * rows, (g + 1) * rows)
+            _accumulate(acc, ref, logits[part], res.final[part], tokens[part])
+
+    run(adapter.model, tokens, attention_mask=mask, readers=[res], writers=writers,
+        batch_size=len(tokens), progress=False, on_logits=on_logits)
+
+
+class _RowSwap(Writer):
+    """Uniform swap of a different set of heads of one layer in each group of rows: row group
+    ``g`` (rows ``g*group_rows .. (g+1)*group_rows - 1``) has ``heads[g]`` swapped. Lets the
+    swaps of several heads of one layer share a forward."""
+
+    def __init__(self, layer: int, heads: list, group_rows: int, *, exclude_self: bool):
+        self.layer, self.heads, self.group_rows, self.exclude_self = layer, heads, group_rows, exclude_self
+
+    def hook_points(self, adapter):
+        return [adapter.hook("v", self.layer), adapter.hook("z", self.layer)]
+
+    def write(self, name, value, ctx):
+        a = ctx.adapter
+        if name.endswith("hook_v"):
+            ctx.state[(id(self), "v")] = value
+            return value
+        v = ctx.state.pop((id(self), "v"))
+        # the keys this layer's own attention reaches (its sliding window too), as UniformSwap's default
+        new = uniform_z(v, ctx.batch.mask, a.n_heads, a.n_kv_heads, exclude_self=self.exclude_self,
+                        window=a.attention_window(self.layer))
+        chosen = torch.zeros(len(self.heads), a.n_heads, dtype=torch.bool)
+        for g, hs in enumerate(self.heads):
+            chosen[g, hs] = True
+        chosen = chosen.repeat_interleave(self.group_rows, 0).to(value.device)[:, None, :, None]
+        z = _heads_view(value, a.n_heads)
+        return torch.where(chosen, new.to(z.dtype), z).reshape(value.shape)
+
+
+def _prompt_batches(tokens: Tensor, mask: Tensor, batch_size: int):
+    if batch_size < 1:
+        raise EmbedwalkError(f"batch_size must be at least 1, got {batch_size}")
+    for i in range(0, tokens.shape[0], batch_size):
+        tok, m = tokens[i : i + batch_size], mask[i : i + batch_size]
+        keep = m.any(0)  # as run() trims them: columns that are padding in every row
+        yield tok[:, keep], m[:, keep]
 
 
 @summary_repr
@@ -269,21 +376,6 @@ class SwapEffect:
         return fig
 
 
-def _compare(targets, orig: list[_Pass], swapped: list[_Pass]) -> SwapEffect:
-    nll_o = torch.cat([p.nll for p in orig]).double()
-    nll_s = torch.cat([p.nll for p in swapped]).double()
-    kl = agree = cos = 0.0
-    n = 0
-    for o, s in zip(orig, swapped):
-        kl += float((o.logp.exp() * (o.logp - s.logp)).sum(-1).double().sum())
-        agree += float((o.logp.argmax(-1) == s.logp.argmax(-1)).sum())
-        cos += float(F.cosine_similarity(o.final, s.final, dim=-1).double().sum())
-        n += o.logp.shape[0]
-    if nll_o.numel() == 0:
-        raise EmbedwalkError("the text has no next-token pairs: pass prompts of at least two tokens")
-    return SwapEffect(targets, float(nll_o.mean()), float(nll_s.mean()), kl / n, agree / n, cos / n, n)
-
-
 def _prepare(model, inputs, attention_mask, prepend_bos, padding_side):
     adapter = adapt(model)
     tokens, mask = tokenize(adapter, inputs, attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
@@ -302,12 +394,21 @@ def downstream(
     prepend_bos: Optional[bool] = None,
     padding_side: Optional[str] = None,
 ) -> SwapEffect:
-    """Swap ``targets`` (all / layers / (layer, head) pairs) and compare with the original model."""
+    """Swap ``targets`` (all / layers / (layer, head) pairs) and compare with the original model.
+
+    Per batch of ``batch_size`` prompts: the original forward, then the swapped one, reduced
+    at once to sums of the loss, KL(original || swapped) (float64-accumulated), top-1
+    agreement and the cosine of the final residuals; the peak extra memory is that of one
+    batch's log-probs and does not grow with the number of prompts.
+    """
     adapter, tokens, mask = _prepare(model, inputs, attention_mask, prepend_bos, padding_side)
     swap = UniformSwap(targets, exclude_self=exclude_self, method=method)
     swap.heads(adapter)  # validate before spending a forward pass
-    orig = _passes(adapter, tokens, mask, [], batch_size)
-    return _compare(targets, orig, _passes(adapter, tokens, mask, [swap], batch_size))
+    sums = _Sums()
+    for tok, m in _prompt_batches(tokens, mask, batch_size):
+        ref = _reference(adapter, tok, m)
+        _swapped_pass(adapter, tok, m, [swap], [ref], [sums])
+    return _effect(targets, sums)
 
 
 @summary_repr
@@ -391,16 +492,32 @@ def sweep(
     exclude_self: bool = False,
     method: str = "fast",
     batch_size: int = 8,
+    rows_per_forward: Optional[int] = None,
     prepend_bos: Optional[bool] = None,
     padding_side: Optional[str] = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> SweepResult:
-    """Swap all heads, then each layer, then each head, one at a time; one original pass."""
+    """Swap all heads, then each layer, then each head, one at a time; each row of the result
+    equals :func:`downstream` of that swap (to float32 rounding, ~1e-6).
+
+    Work is reused: per batch of ``batch_size`` prompts, one original pass keeps the residual
+    entering each layer; every swap at layer ``l`` resumes there (blocks ``0..l-1`` are not
+    recomputed), and the layer swap and the head swaps of one layer run as row groups of one
+    forward of at most ``rows_per_forward`` rows (default: as many as fit 2048 tokens, at
+    least ``batch_size``). Metrics are reduced per forward, so the peak extra memory is set by
+    ``rows_per_forward``, never by the number of prompts. ``units="all"`` runs
+    ``method`` (the fast path bypasses every attention's query-key path); layer and head swaps
+    always overwrite ``hook_z`` with the running mean of the values, equal to the pattern
+    method to 1e-5. ``progress`` shows a tqdm bar over the swaps, with an ETA.
+    """
     bad = set(units) - {"all", "layer", "head"}
     if bad or not units:
         raise EmbedwalkError(f"units must be chosen from 'all', 'layer', 'head'; got {list(units)!r}")
+    if rows_per_forward is not None and (not isinstance(rows_per_forward, int) or rows_per_forward < 1):
+        raise EmbedwalkError(f"rows_per_forward must be a positive int, got {rows_per_forward!r}")
     adapter, tokens, mask = _prepare(model, inputs, attention_mask, prepend_bos, padding_side)
-    chosen = [adapter.check_layer(l) for l in (layers if layers is not None else range(adapter.n_layers))]
+    UniformSwap("all", exclude_self=exclude_self, method=method)  # validates method
+    chosen = sorted({adapter.check_layer(l) for l in (layers if layers is not None else range(adapter.n_layers))})
     jobs: list[tuple[str, object]] = []
     if "all" in units:
         jobs.append(("all", "all"))
@@ -408,19 +525,42 @@ def sweep(
         jobs += [("layer", [l]) for l in chosen]
     if "head" in units:
         jobs += [("head", [(l, h)]) for l in chosen for h in range(adapter.n_heads)]
-    orig = _passes(adapter, tokens, mask, [], batch_size)
-    result = SweepResult(n_layers=adapter.n_layers, n_heads=adapter.n_heads)
+    by_layer: dict[int, list[int]] = {}
+    for j, (unit, targets) in enumerate(jobs):
+        if unit != "all":
+            by_layer.setdefault(next(iter(resolve_targets(adapter, targets))), []).append(j)
+    sums = [_Sums() for _ in jobs]
+    rows_cap = rows_per_forward or max(batch_size, 2048 // max(1, tokens.shape[1]))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs), desc="swap sweep")
-    for unit, targets in jobs:
-        swap = UniformSwap(targets, exclude_self=exclude_self, method=method)
-        result.effects.append(_compare(targets, orig, _passes(adapter, tokens, mask, [swap], batch_size)))
-        result.units.append(unit)
+        bar = tqdm(total=len(jobs) * tokens.shape[0], desc="swap sweep", unit="swap-prompt")
+    try:
+        for tok, m in _prompt_batches(tokens, mask, batch_size):
+            ref = _reference(adapter, tok, m, layers=sorted(by_layer))
+            B = tok.shape[0]
+            if "all" in units:
+                _swapped_pass(adapter, tok, m, [UniformSwap("all", exclude_self=exclude_self, method=method)], [ref], [sums[0]])
+                if bar is not None:
+                    bar.update(B)
+            per = max(1, rows_cap // B)  # row groups per forward
+            for layer, idx in by_layer.items():
+                for g0 in range(0, len(idx), per):
+                    group = idx[g0 : g0 + per]
+                    heads = [resolve_targets(adapter, jobs[j][1])[layer] for j in group]
+                    G = len(group)
+                    writers = [Resume(layer, ref.pre[layer].repeat(G, 1, 1)),
+                               _RowSwap(layer, heads, B, exclude_self=exclude_self)]
+                    _swapped_pass(adapter, tok.repeat(G, 1), m.repeat(G, 1), writers, [ref] * G, [sums[j] for j in group])
+                    if bar is not None:
+                        bar.update(B * G)
+            del ref
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
+    result = SweepResult(n_layers=adapter.n_layers, n_heads=adapter.n_heads)
+    for (unit, targets), acc in zip(jobs, sums):
+        result.effects.append(_effect(targets, acc))
+        result.units.append(unit)
     return result
