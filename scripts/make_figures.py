@@ -5,7 +5,8 @@
 Every figure is a result's own ``.plot()`` saved with :func:`embedwalk.figures.save_figure`
 (tight bounding box), so the gallery shows exactly what a user gets. Inputs are fixed and the
 model is deterministic on CPU, so rerunning reproduces the figures. About 3 minutes on a
-2-core CPU.
+2-core CPU for the first ten figures; the five added after them (token_vectors onwards) are
+not yet timed.
 """
 
 from __future__ import annotations
@@ -92,6 +93,50 @@ def _probes(m, ctx):
 
     return layer_probes(m, ["number", "gender"], n_perm=5, n_control=2, random_baseline=False, progress=False).plot()
 
+
+
+@figure("token_vectors", "Norms of the token embeddings (W_E rows) of some words; the extreme words are named.")
+def _token_vectors(m, ctx):
+    from embedwalk.concepts.features import token_vectors
+
+    words = ["Paris", "Berlin", "France", "Germany", "capital", "city", "the", "is", "of", "river",
+             "mountain", "king", "queen", "dog", "cat", "run", "ran", "blue", "green", "seven"]
+    return token_vectors(m, words).plot()
+
+
+@figure("context_vectors", "Norm of the last token's residual at every readout point, mean and range over prompts.")
+def _context_vectors(m, ctx):
+    from embedwalk.concepts.features import context_vectors
+    from embedwalk.lenses.tuned import sample_text
+
+    return context_vectors(m, sample_text("heldout")[:8], progress=False).plot()
+
+
+@figure("store", "An activation store's mean residual norm per layer (cache_activations, then open_store(...).plot()).")
+def _store(m, ctx):
+    import tempfile
+
+    from embedwalk.lenses.tuned import sample_text
+    from embedwalk.store import cache_activations, open_store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_activations(m, sample_text("heldout")[:8], Path(tmp) / "acts", dtype="float32", progress=False)
+        return open_store(Path(tmp) / "acts").plot()
+
+
+@figure("multiple_choice", "Multiple choice (first 16 items): concept-similarity accuracy per readout point and the scoring baselines.")
+def _multiple_choice(m, ctx):
+    from embedwalk.concepts.datasets import load_dataset
+    from embedwalk.concepts.experiments import multiple_choice
+
+    return multiple_choice(m, load_dataset("multiple_choice")[:16], progress=False).plot()
+
+
+@figure("priority_reproduction", "Single-layer priority training (no model): correlations with the SVM solution and attention mass, mean ± std over data sets.")
+def _reproduction(m, ctx):
+    from embedwalk.priority.reproduce import reproduce
+
+    return reproduce("cyclic", n_datasets=3, iterations=1500, seed=0, log_every=50, progress=False).plot()
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

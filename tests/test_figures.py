@@ -156,3 +156,149 @@ def test_association_bias_colour_bars_have_units(tiny_arch):
     labels = [a.get_ylabel() for a in fig.axes[2:]]
     assert any("distance to uniform" in s for s in labels) and any("uniform" in s and "own position" in s for s in labels)
     plt.close(fig)
+
+
+def _inside_figure(fig, artists):
+    """Every artist's box lies inside the saved (tight) figure: nothing is clipped."""
+    import io
+
+    fig.savefig(io.BytesIO(), bbox_inches="tight")
+    r = fig.canvas.get_renderer()
+    for a in artists:
+        b = a.get_window_extent(r)
+        assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1, (a, b)
+
+
+def _legend_clear_of_data(fig, ax):
+    """A legend placed outside the axes never hides a line."""
+    r = fig.canvas.get_renderer()
+    assert not ax.get_legend().get_window_extent(r).overlaps(ax.get_window_extent(r))
+
+
+def test_ridge_fit_plot_axes_say_what_they_show():
+    import torch
+
+    from embedwalk.concepts.ridge import fit_ridge
+    from embedwalk.concepts.stats import FoldedStats
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 6))
+    y = x @ rng.normal(size=(6, 3)) + rng.normal(size=(240, 3)) * np.array([0.5, 2, 8])
+    fs = FoldedStats(4, 0).update(torch.tensor(x), torch.tensor(y), groups=np.arange(240) // 4)
+    fit = fit_ridge(fs, target_names=[" plural", "\n", "tense"])
+    ax = fit.plot()
+    fig = ax.figure
+    assert ax.get_xscale() == "log" and "alpha" in ax.get_xlabel() and "R²" in ax.get_ylabel()
+    assert fig.get_constrained_layout()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "␣plural" in labels and "\\n" in labels and "chosen alpha per target" in labels
+    _legend_clear_of_data(fig, ax)
+    _inside_figure(fig, [ax.title, ax.get_legend()])
+    plt.close(fig)
+
+
+def test_token_and_layer_vector_plots(tiny_arch):
+    from embedwalk.concepts.features import context_vectors, token_vectors
+
+    tv = token_vectors(tiny_arch, ["w5", "w6", "w7", "w8", "w9"])
+    fig = tv.plot()
+    ax = fig.axes[0]
+    assert "L2 norm" in ax.get_xlabel() and "W_E" in ax.get_xlabel()
+    assert all(float(t).is_integer() for t in ax.get_yticks())  # a count of words
+    norms = tv.vectors.norm(dim=-1).numpy()
+    named = {t.get_text() for t in ax.texts}
+    assert {tv.words[int(norms.argmin())], tv.words[int(norms.argmax())]} <= named  # the extremes are named
+    _no_overlap(_boxes(fig, ax.texts))
+    _inside_figure(fig, [ax.title])
+    plt.close(fig)
+
+    lv = context_vectors(tiny_arch, TEXTS, progress=False)
+    fig = lv.plot()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == lv.points
+    assert "L2 norm" in ax.get_ylabel() and "readout point" in ax.get_xlabel()
+    mean = lv.vectors.norm(dim=-1).mean(0).numpy()
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), mean, rtol=1e-5)
+    _no_overlap(_boxes(fig, ax.get_xticklabels()))
+    _inside_figure(fig, [ax.title])
+    plt.close(fig)
+
+
+def test_store_plot_labels(tiny_arch, tmp_path):
+    from embedwalk.store import cache_activations, open_store
+
+    cache_activations(tiny_arch, TEXTS, tmp_path / "a-rather-long-store-folder-name-for-a-paper", dtype="float32", progress=False)
+    store = open_store(tmp_path / "a-rather-long-store-folder-name-for-a-paper")
+    fig = store.plot()
+    ax = fig.axes[0]
+    assert "L2 norm" in ax.get_ylabel() and "layer" in ax.get_xlabel()
+    _no_overlap(_boxes(fig, ax.get_xticklabels()))
+    _inside_figure(fig, [ax.title] + ax.get_xticklabels())
+    plt.close(fig)
+
+
+def _mc_result():
+    import torch
+
+    from embedwalk.concepts.experiments import MultipleChoiceResult
+
+    g = torch.Generator().manual_seed(0)
+    n, points = 20, ["embed"] + [str(i) for i in range(24)]
+    gold = torch.randint(0, 4, (n,), generator=g)
+    return MultipleChoiceResult(
+        items=[{"id": i} for i in range(n)], gold=gold, points=points,
+        similarity={"mean": {"dot": torch.rand(n, len(points), generator=g) < 0.5}},
+        scores={m: torch.randn(n, 4, generator=g) for m in ("full_context", "concept_generation", "question_only")},
+        layer=10, gen_layer=10, reduction="mean", n_options=4)
+
+
+def test_multiple_choice_plot_legend_outside_and_ticks_legible():
+    res = _mc_result()
+    fig = res.plot()
+    ax = fig.axes[0]
+    assert ax.get_ylim() == pytest.approx((0, 1.02)) and "fraction of items" in ax.get_ylabel()
+    assert "chance (1/4)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    _legend_clear_of_data(fig, ax)
+    _no_overlap(_boxes(fig, ax.get_xticklabels()))
+    _inside_figure(fig, [ax.title, ax.get_legend()])
+    plt.close(fig)
+
+
+def test_retrain_plot_title_not_clipped():
+    from embedwalk.association.retrain import RetrainResult
+
+    res = RetrainResult(steps=[0, 100, 200, 300], standard=[10.4, 6.1, 5.2, 4.9], uniform=[10.4, 6.6, 5.9, 5.6])
+    fig = res.plot()
+    ax = fig.axes[0]
+    assert "nats/token" in ax.get_ylabel() and f"{res.gap:+.3f} nats/token" in ax.get_title()
+    _inside_figure(fig, [ax.title])
+    plt.close(fig)
+
+
+def test_reproduction_plot_panels_have_units(tmp_path):
+    from embedwalk.priority.reproduce import reproduce
+
+    res = reproduce("cyclic", n_datasets=2, iterations=40, seed=0, log_every=10, progress=False)
+    fig = res.plot(tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 0
+    assert fig.get_constrained_layout()
+    for ax in fig.axes:
+        assert ax.get_ylabel() and ax.get_xlabel() == "iteration"
+    _no_overlap(_boxes(fig, [ax.title for ax in fig.axes]))
+    _inside_figure(fig, [ax.title for ax in fig.axes])
+    plt.close(fig)
+
+
+def test_decompose_plot_units_legend_and_visible_tokens(tiny_arch):
+    d = ew.decompose(tiny_arch, "w5 w6 w7 w8", token="w9")
+    d.str_tokens[d.position] = " "  # whitespace must be drawn, never a blank
+    fig = d.plot()
+    ax1, ax2 = fig.axes[:2]
+    assert "(logits)" in ax1.get_xlabel() and "(logits)" in ax2.get_ylabel()
+    assert "'␣'" in ax2.get_title()
+    assert [t.get_text() for t in ax1.get_legend().get_texts()] == ["raises the logit", "lowers it"]
+    assert fig.get_constrained_layout()
+    _no_overlap(_boxes(fig, [ax1.title, ax2.title]))
+    _no_overlap(_boxes(fig, ax1.get_yticklabels()))
+    _inside_figure(fig, [ax1.title, ax2.title])
+    plt.close(fig)

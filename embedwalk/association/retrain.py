@@ -191,9 +191,9 @@ class RetrainResult:
         fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
         ax.plot(self.steps, self.standard, marker="o", label="standard attention")
         ax.plot(self.steps, self.uniform, marker="o", label="uniform aggregation")
-        ax.set(xlabel="step", ylabel="validation loss (nats/token)",
-               title=f"same architecture, data and seed; final gap {self.gap:+.3f}")
-        ax.legend()
+        ax.set(xlabel="training step", ylabel="validation loss (nats/token)")
+        ax.set_title(f"same architecture, data and seed\nfinal gap (uniform − standard) {self.gap:+.3f} nats/token", fontsize=10)
+        ax.legend(fontsize=8)
         return fig
 
     def to_json(self) -> dict:

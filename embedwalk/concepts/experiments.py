@@ -635,18 +635,21 @@ class MultipleChoiceResult:
     def plot(self):
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        x = np.arange(len(self.points))
+        fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(x) + 3.5), 3.5), constrained_layout=True)
         for how in self.similarity:
-            ax.plot(self.similarity_curve(how), marker=".", label=f"similarity ({how})")
+            ax.plot(x, self.similarity_curve(how), marker=".", label=f"concept similarity ({how}, dot)")
         styles = {"full_context": "-", "concept_generation": "--", "question_only": ":"}
         for m in self.scores:
-            ax.axhline(self.accuracy(m), color="k", ls=styles.get(m, "-."), lw=1, label=m)
-        ax.axhline(1.0 / self.n_options, color="red", lw=0.8, label="chance")
-        ax.set_xticks(range(len(self.points)), self.points, rotation=90, fontsize=6)
-        ax.set_xlabel("readout point of the concept vectors")
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
+            ax.axhline(self.accuracy(m), color="k", ls=styles.get(m, "-."), lw=1, label=m.replace("_", " "))
+        ax.axhline(1.0 / self.n_options, color="red", lw=0.8, label=f"chance (1/{self.n_options})")
+        ax.set_xticks(x, self.points, rotation=90 if len(x) > 12 else 0, fontsize=7)
+        ax.set_xlabel("readout point of the concept vectors (embed, then after block l)")
+        ax.set_ylabel("accuracy (fraction of items)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"multiple choice: {len(self.items)} items, {self.n_options} options", fontsize=10)
+        # outside the axes: the accuracy lines run across the whole width
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
         return fig
 
 

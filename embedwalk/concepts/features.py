@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
@@ -83,10 +84,24 @@ class TokenVectors:
     def plot(self):
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.hist(self.vectors.norm(dim=-1).cpu().numpy(), bins=30)
-        ax.set_xlabel(f"{self.kind} vector norm")
+        from embedwalk.figures import place_labels, visible_token
+
+        norms = self.vectors.norm(dim=-1).cpu().double().numpy()
+        fig, ax = plt.subplots(figsize=(5.5, 3.2), constrained_layout=True)
+        ax.hist(norms, bins=min(30, max(5, len(norms))), color="tab:blue", alpha=0.8)
+        what = "W_E row" if self.kind == "embed" else "W_U column"
+        ax.set_xlabel(f"‖{self.kind} vector‖ (L2 norm of the {what}, model units)")
         ax.set_ylabel("words")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{len(norms)} words, {self.kind} vectors (a word of several tokens: their mean)", fontsize=9)
+        # name the extreme words: those are the ones a reader asks about
+        order = np.argsort(norms)
+        pick = list(dict.fromkeys([int(order[0]), int(order[-1])]))
+        fig.canvas.draw()
+        ymax = ax.get_ylim()[1]
+        place_labels(ax, [(norms[i], 0.04 * ymax) for i in pick], [visible_token(self.words[i], 16) for i in pick])
         return fig
 
 
@@ -159,10 +174,17 @@ class LayerVectors:
     def plot(self):
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.plot(self.vectors.norm(dim=-1).mean(0).cpu().numpy(), marker=".")
-        ax.set_xticks(range(len(self.points)), self.points, rotation=90, fontsize=6)
-        ax.set_ylabel(f"mean norm ({self.what})")
+        norms = self.vectors.norm(dim=-1).cpu().double().numpy()  # [n, points]
+        x = np.arange(len(self.points))
+        fig, ax = plt.subplots(figsize=(max(4.5, 0.18 * len(x) + 2.5), 3.2), constrained_layout=True)
+        if norms.shape[0] > 1:
+            ax.fill_between(x, norms.min(0), norms.max(0), color="tab:blue", alpha=0.2, lw=0, label="range over prompts")
+        ax.plot(x, norms.mean(0), marker=".", color="tab:blue", label=f"mean over {norms.shape[0]} prompts")
+        ax.set_xticks(x, self.points, rotation=90 if len(x) > 12 else 0, fontsize=7)
+        ax.set_xlabel("readout point (embed = token embedding, l = after block l)")
+        ax.set_ylabel(f"‖{self.what}‖ (L2 norm)")
+        ax.set_title(f"norm of the {self.what}s per readout point", fontsize=9)
+        ax.legend(fontsize=7)
         return fig
 
 

@@ -190,27 +190,31 @@ class RidgeFit:
         black, and dots at the chosen alphas.  Returns the matplotlib Axes."""
         import matplotlib.pyplot as plt
 
+        from embedwalk.figures import visible_token
+
         if self.cv_r2_path is None:
             raise ValueError("plot needs a fit from FoldedStats (no CV record here)")
-        own = ax is None
-        ax = ax or plt.subplots(figsize=(6, 4))[1]
+        ax = ax or plt.subplots(figsize=(6.5, 4), constrained_layout=True)[1]
         a = self.alphas.cpu().numpy()
         path = self.cv_r2_path.cpu().numpy()
         idx = list(targets) if targets is not None else list(range(min(self.n_targets, max_lines)))
         names = self.target_names or [str(j) for j in range(self.n_targets)]
         for j in idx:
             (line,) = ax.plot(a, path[:, j], lw=0.8, alpha=0.6,
-                              label=names[j] if len(idx) <= 10 else None)
+                              label=visible_token(names[j], 24) if len(idx) <= 10 else None)
             ax.plot(self.alpha[j].item(), self.cv_r2[j].item(), "o", ms=4, color=line.get_color())
         sst = np.asarray(self.meta["sst"])
         pooled = 1 - ((1 - path) * sst).sum(1) / sst.sum()
         ax.plot(a, pooled, color="black", lw=2, label="all targets (variance-weighted)")
+        ax.plot([], [], "o", ms=4, color="0.4", label="chosen alpha per target")
+        ax.axhline(0, color="0.5", lw=0.6, ls=":")  # R² 0: no better than predicting the mean
         ax.set_xscale("log")
-        ax.set_xlabel("alpha")
-        ax.set_ylabel("held-out R²")
-        ax.legend(fontsize=7)
-        if own:
-            ax.figure.tight_layout()
+        ax.set_xlabel("ridge penalty alpha (log scale)")
+        ax.set_ylabel("held-out R² (k-fold CV; 0 = the mean)")
+        shown = f"{len(idx)} of {self.n_targets} targets" if len(idx) < self.n_targets else f"{self.n_targets} targets"
+        ax.set_title(f"cross-validated R² against alpha, {shown}", fontsize=10)
+        # outside the axes, so the legend never hides a curve
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
         return ax
 
     # -- persistence ------------------------------------------------------------

@@ -43,7 +43,6 @@ from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
-from embedwalk.lenses.projection import short
 from embedwalk.run import Context, Reader, run
 
 __all__ = ["DecompositionResult", "DecompositionReader", "decompose", "frozen_final_norm"]
@@ -223,30 +222,36 @@ class DecompositionResult:
         """Top parts by |DLA| (bars) and per-layer attention versus MLP DLA totals."""
         import matplotlib.pyplot as plt
 
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw=dict(width_ratios=[1, 1.3]))
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import MaxNLocator
+
+        from embedwalk.figures import visible_token
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw=dict(width_ratios=[1, 1.3]),
+                                       constrained_layout=True)
+        target = visible_token(self.token_str, 16)
         order = self.dla.abs().argsort(descending=True)[:n].tolist()[::-1]
         vals = [float(self.dla[i]) for i in order]
         ax1.barh(range(len(order)), vals, color=["tab:blue" if v >= 0 else "tab:red" for v in vals])
         ax1.set_yticks(range(len(order)), [self._name(i) for i in order], fontsize=8)
         ax1.axvline(0, color="k", lw=0.5)
-        ax1.set_xlabel(f"direct logit attribution to '{short(self.token_str)}'")
-        ax1.set_title(f"top {len(order)} parts (logit {self.logit:.2f})", fontsize=10)
+        ax1.set_xlabel(f"direct logit attribution to '{target}' (logits)")
+        ax1.set_title(f"top {len(order)} parts by |DLA| (logit of '{target}' {self.logit:.2f})", fontsize=10)
+        ax1.legend(handles=[Patch(color="tab:blue", label="raises the logit"), Patch(color="tab:red", label="lowers it")],
+                   fontsize=8, loc="lower right" if sum(v < 0 for v in vals) * 2 < len(vals) else "lower left")
         lt = self.layer_totals()
         x = lt["layer"].to_numpy()
-        ax2.bar(x - 0.2, lt["aggregation_dla"], width=0.4, label="aggregation (attention)")
+        ax2.bar(x - 0.2, lt["aggregation_dla"], width=0.4, label="aggregation (attention heads + b_O)")
         ax2.bar(x + 0.2, lt["filtering_dla"], width=0.4, label="filtering (MLP)")
         ax2.axhline(0, color="k", lw=0.5)
         ax2.set_xlabel("layer")
-        from matplotlib.ticker import MaxNLocator
-
         ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax2.set_ylabel("DLA")
+        ax2.set_ylabel(f"DLA to '{target}' (logits)")
         ax2.legend(fontsize=8)
         ax2.set_title(
             f"per-layer totals; residual at {self.layer}.{self.stage}, pos {self.position} "
-            f"('{short(self.str_tokens[self.position])}')", fontsize=10,
+            f"('{visible_token(self.str_tokens[self.position], 16)}')", fontsize=10,
         )
-        fig.tight_layout()
         return fig
 
 

@@ -129,25 +129,28 @@ class ReproductionResult:
         """Mean +- std over data sets of the tracked quantities along training."""
         import matplotlib.pyplot as plt
 
+        from embedwalk.figures import save_figure
+
         panels = [
-            ("corr_svm", "corr(W(t), W_svm)"),
-            ("corr_decomposition", "corr(W(t), R W_svm + W_fin)"),
-            ("fin_gap", "||P_fin W(t) - W_fin(t)||_F"),
-            ("mass_on_component", "attention mass on top SCC"),
+            ("corr_svm", "corr(W(t), W_svm)", "correlation (1 = same direction)"),
+            ("corr_decomposition", "corr(W(t), R W_svm + W_fin)", "correlation (1 = same direction)"),
+            ("fin_gap", "‖P_fin W(t) − W_fin(t)‖_F", "Frobenius norm (0 = matched)"),
+            ("mass_on_component", "attention mass on top SCC", "attention weight (1 = all on it)"),
         ]
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), constrained_layout=True)
         hist = self.history
-        for ax, (col, title) in zip(axes, panels):
+        for ax, (col, title, unit) in zip(axes, panels):
             for setting, g in hist.groupby("setting"):
                 stats = g.groupby("iteration")[col].agg(["mean", "std"]).fillna(0.0)
-                ax.plot(stats.index, stats["mean"], label=setting)
+                n = g["dataset"].nunique()
+                ax.plot(stats.index, stats["mean"], label=f"{setting} (mean ± std, {n} data sets)")
                 ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.25)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("iteration")
-        axes[0].legend()
-        fig.tight_layout()
+            ax.set_ylabel(unit, fontsize=8)
+        axes[0].legend(fontsize=7)
         if path:
-            fig.savefig(path, dpi=120, bbox_inches="tight")
+            save_figure(fig, path, dpi=120)
         return fig
 
 

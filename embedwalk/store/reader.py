@@ -336,12 +336,15 @@ class ActivationStore:
         b = self.get(rows, hooks)
         names = list(b.vectors)
         norms = [float(b.vectors[h].float().norm(dim=-1).mean()) for h in names]
-        fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(names) + 2), 3))
-        ax.bar(range(len(names)), norms)
-        ax.set_xticks(range(len(names)), [str(self.hook_info[h]["layer"]) if self.hook_info[h]["kind"] == "resid_post" else h for h in names], rotation=90)
-        ax.set_ylabel("mean |x|")
-        ax.set_title(f"{len(b)} rows of {self.path.name}")
-        fig.tight_layout()
+        resid = [self.hook_info[h]["kind"] == "resid_post" for h in names]
+        ticks = [str(self.hook_info[h]["layer"]) if r else h for h, r in zip(names, resid)]
+        fig, ax = plt.subplots(figsize=(max(4.5, 0.3 * len(names) + 2.5), 3.2), constrained_layout=True)
+        ax.bar(range(len(names)), norms, color="tab:blue")
+        ax.set_xticks(range(len(names)), ticks, rotation=90 if max(map(len, ticks)) > 3 or len(ticks) > 16 else 0, fontsize=7)
+        ax.set_xlabel("layer (blocks.l.hook_resid_post)" if all(resid) else "hook (a number: that layer's resid_post)")
+        ax.set_ylabel("mean ‖x‖ (L2 norm, as stored)")
+        name = self.path.name if len(self.path.name) <= 28 else self.path.name[:27] + "…"
+        ax.set_title(f"{len(b)} rows of {name}", fontsize=9)
         return fig
 
 
