@@ -138,6 +138,7 @@ def result_repr(obj, headline: Optional[list[str]] = None, *, skip: Iterable[str
 
 
 def summary_repr(cls):
-    """Class decorator: the class's repr becomes :func:`result_repr` (put it above ``@dataclass``)."""
-    cls.__repr__ = lambda self: result_repr(self)
+    """Class decorator: the class's repr becomes :func:`result_repr` (put it above ``@dataclass``).
+    Fields named in the class attribute ``_repr_skip`` (its headline already says them) are left out."""
+    cls.__repr__ = lambda self: result_repr(self, skip=getattr(self, "_repr_skip", ()))
     return cls

@@ -210,6 +210,11 @@ def test_fit_from_store_equals_in_memory_fit_and_cli(tiny_arch, tmp_path, capsys
     ref = fit_ridge(fs)
     assert torch.allclose(fit.coef, ref.coef, rtol=1e-6, atol=1e-9)
     assert torch.allclose(fit.cv_r2, ref.cv_r2, atol=1e-9)
+    # the fit records the store's model and residual basis, and refuses another model's
+    assert fit.fitted_in == store.manifest["config"]["model"] and ref.fitted_in is None
+    fit.check_compatible(tiny_arch)
+    with pytest.raises(EmbedwalkError, match=r"different models \(W_U_sha256 differs\)"):
+        fit.check_compatible({**fit.fitted_in, "W_U_sha256": "0" * 64})
     rev, _ = fit_from_store(store, "resid_post.1", "meta:label,topic", reverse=True, group="topic")
     assert rev.coef.shape == (1 + 5, ew.adapt(tiny_arch).d_model)
     assert main(["concepts", "fit", "--store", str(tmp_path / "s"), "--x", "resid_post.1", "--y", "meta:label",

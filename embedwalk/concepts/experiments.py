@@ -846,7 +846,7 @@ def fit_from_store(
     store = open_store(store) if not hasattr(store, "batches") else store
     xname = store.resolve(x)[0]
     target, names, extra = _targets_from_store(store, y)
-    fs = FoldedStats(n_folds, seed)
+    fs = FoldedStats(n_folds, seed, source=store)  # the manifest's model and residual basis
     t0, rows = time.perf_counter(), 0
     for b in store.batches([xname] + extra, batch_size=batch_size, where=where):
         if group == "prompt":

@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from embedwalk._summary import summary_repr
+from .fitted import check_same, describe_identity, identity_of
 from .stats import (
     ACC,
     FORMAT_VERSION,
@@ -81,7 +82,13 @@ def _unpack(batch) -> tuple[Tensor, Tensor, Any]:
 @summary_repr
 @dataclass
 class LinearProbe:
-    """``logits = x @ weight.T + bias``; ``predict`` is the arg-max class."""
+    """``logits = x @ weight.T + bias``; ``predict`` is the arg-max class.
+
+    ``fitted_in`` is the model and residual basis the probe was fitted on
+    (:mod:`embedwalk.concepts.fitted`; None: unknown, e.g. fitted from plain tensors or loaded
+    from an older file). ``logits``/``predict``/``accuracy`` take ``source=`` (the model or
+    store ``x`` comes from) and then refuse activations of another model or basis.
+    """
 
     weight: Float[Tensor, "c p"]
     bias: Float[Tensor, " c"]
@@ -89,9 +96,17 @@ class LinearProbe:
     class_names: list[str] | None = None
     counts: Float[Tensor, " c"] | None = None
     meta: dict = field(default_factory=dict)
+    fitted_in: dict | None = None
+    _repr_skip = ("fitted_in",)  # the headline names it
 
     def _headline(self) -> list[str]:
-        return [f"{self.kind} probe: {self.n_features} features -> {self.n_classes} classes"]
+        return [f"{self.kind} probe: {self.n_features} features -> {self.n_classes} classes, "
+                f"fitted on {describe_identity(self.fitted_in)}"]
+
+    def check_compatible(self, model_or_store) -> None:
+        """Raise EmbedwalkError if ``model_or_store`` is another model or residual basis than
+        the one this probe was fitted on (a probe of unknown origin passes)."""
+        check_same(self.fitted_in, model_or_store, "this LinearProbe", "applied to activations of")
 
     @property
     def n_classes(self) -> int:
@@ -108,16 +123,18 @@ class LinearProbe:
             raise ValueError("direction is defined for two-class probes")
         return self.weight[1] - self.weight[0]
 
-    def logits(self, x: Float[Tensor, "n p"]) -> Float[Tensor, "n c"]:
+    def logits(self, x: Float[Tensor, "n p"], *, source=None) -> Float[Tensor, "n c"]:
+        if source is not None:
+            self.check_compatible(source)
         x = _as_tensor(x).to(device=self.weight.device, dtype=self.weight.dtype)
         return x @ self.weight.T + self.bias
 
-    def predict(self, x: Float[Tensor, "n p"]) -> Int[Tensor, " n"]:
-        return self.logits(x).argmax(-1)
+    def predict(self, x: Float[Tensor, "n p"], *, source=None) -> Int[Tensor, " n"]:
+        return self.logits(x, source=source).argmax(-1)
 
-    def accuracy(self, x: Float[Tensor, "n p"], labels: Int[Tensor, " n"]) -> float:
+    def accuracy(self, x: Float[Tensor, "n p"], labels: Int[Tensor, " n"], *, source=None) -> float:
         y = _as_tensor(labels).reshape(-1).to(self.weight.device)
-        return (self.predict(x) == y).to(ACC).mean().item()
+        return (self.predict(x, source=source) == y).to(ACC).mean().item()
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per class: training count, weight norm and bias."""
@@ -136,14 +153,15 @@ class LinearProbe:
             t["counts"] = self.counts
         save_tensors(path, t, {"class": "LinearProbe", "format_version": FORMAT_VERSION,
                                "kind": self.kind, "class_names": self.class_names,
-                               "meta": self.meta})
+                               "meta": self.meta, "fitted_in": self.fitted_in})
 
     @classmethod
     def load(cls, path: str | Path) -> "LinearProbe":
         t, m = load_tensors(path)
         if m.get("class") != "LinearProbe":
             raise ValueError(f"{path} holds {m.get('class')!r}, not a LinearProbe")
-        return cls(t["weight"], t["bias"], m["kind"], m["class_names"], t.get("counts"), m["meta"])
+        return cls(t["weight"], t["bias"], m["kind"], m["class_names"], t.get("counts"), m["meta"],
+                   m.get("fitted_in"))
 
 
 # --------------------------------------------------------------------------- from statistics
@@ -165,7 +183,7 @@ def fit_mass_mean_probe(stats: ClassStats, *, use_priors: bool = False) -> Linea
     if use_priors:
         bias = bias + _log_priors(stats)
     return LinearProbe(mu.clone(), bias, "mass_mean", stats.class_names, stats.counts.clone(),
-                       {"use_priors": use_priors})
+                       {"use_priors": use_priors}, stats.fitted_in)
 
 
 def fit_lda_probe(stats: ClassStats, *, shrinkage: float = 0.1) -> LinearProbe:
@@ -189,7 +207,7 @@ def fit_lda_probe(stats: ClassStats, *, shrinkage: float = 0.1) -> LinearProbe:
     weight = w.T.contiguous()
     bias = -0.5 * (stats.means * weight).sum(1) + _log_priors(stats)
     return LinearProbe(weight, bias, "lda", stats.class_names, stats.counts.clone(),
-                       {"shrinkage": shrinkage})
+                       {"shrinkage": shrinkage}, stats.fitted_in)
 
 
 # --------------------------------------------------------------------------- logistic
@@ -341,6 +359,7 @@ def fit_logistic_probe(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     class_names: Sequence[str] | None = None,
+    source=None,
 ) -> LinearProbe:
     """Multinomial logistic regression, L2-penalised, by streaming full-batch L-BFGS.
 
@@ -352,14 +371,15 @@ def fit_logistic_probe(
     with three or more classes; with two, scikit-learn fits a single weight
     vector and ``l2 = 2/(C·n)`` gives the same decision function.
     Each L-BFGS evaluation is one pass over ``batches``; ``max_iter`` bounds the
-    iterations and ``tol`` the projected gradient at convergence.
+    iterations and ``tol`` the projected gradient at convergence.  ``source`` (the model or
+    store the batches come from) is recorded as the probe's ``fitted_in``.
     """
     passes = _passes(batches)
     [(w, bias)], counts = _train_logistic(
         passes, n_classes, None, 1, l2=l2, standardize=standardize, max_iter=max_iter,
         tol=tol, dtype=dtype, device=device or "cpu")
     return LinearProbe(w, bias, "logistic", _names(class_names), counts.sum(0),
-                       {"l2": l2, "standardize": standardize})
+                       {"l2": l2, "standardize": standardize}, identity_of(source))
 
 
 def _names(class_names):
@@ -444,14 +464,17 @@ def cross_validate_probe(
     seed: int = 0,
     class_names: Sequence[str] | None = None,
     device: torch.device | str | None = None,
+    source=None,
     **fit_kwargs,
 ) -> ProbeCV:
     """k-fold held-out accuracy with folds by group (batches must carry groups).
 
     ``method`` is ``"mass_mean"``, ``"lda"`` (one statistics pass + one scoring
     pass) or ``"logistic"`` (L-BFGS passes + one scoring pass); ``fit_kwargs``
-    go to the matching ``fit_*`` function.
+    go to the matching ``fit_*`` function; ``source`` (the model or store the batches come
+    from) is recorded as every probe's ``fitted_in``.
     """
+    ident = identity_of(source)
     passes = _passes(batches)
 
     def fold_fn(g, n):
@@ -463,7 +486,8 @@ def cross_validate_probe(
         fit = _STAT_METHODS[method]
         fs = FoldedStats(n_folds, seed,
                          accumulator=lambda: ClassStats(n_classes, device=device,
-                                                        class_names=class_names))
+                                                        class_names=class_names),
+                         source=ident)
         for batch in passes():
             x, y, g = _unpack(batch)
             fs.update(x, y, folds=fold_fn(g, len(y)))
@@ -477,9 +501,9 @@ def cross_validate_probe(
                                          device=device or "cpu", **opts)
         meta = {"l2": opts["l2"], "standardize": opts["standardize"]}
         names = _names(class_names)
-        probe = LinearProbe(*models[n_folds], "logistic", names, counts.sum(0), meta)
+        probe = LinearProbe(*models[n_folds], "logistic", names, counts.sum(0), meta, ident)
         fold_probes = {f: LinearProbe(*models[f], "logistic", names,
-                                      counts.sum(0) - counts[f], meta)
+                                      counts.sum(0) - counts[f], meta, ident)
                        for f in range(n_folds) if counts[f].sum() > 0}
     else:
         raise ValueError(f"unknown method {method!r}; use 'mass_mean', 'lda' or 'logistic'")

@@ -38,6 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from embedwalk._summary import summary_repr
+from .fitted import check_same, describe_identity
 from .stats import ACC, FORMAT_VERSION, FoldedStats, MomentStats, load_tensors, save_tensors
 
 __all__ = ["RidgeFit", "fit_ridge", "ridge_path", "heldout_sse", "default_alphas"]
@@ -105,7 +106,9 @@ class RidgeFit:
     held-out MSE of target j at ``alphas[a]`` (out-of-fold SSE summed over folds /
     n), ``cv_r2[j] = 1 - SSE_oof / SST`` with SST about the pooled mean (what
     ``r2_score(y, cross_val_predict(...))`` reports), and ``cv_fold_r2[f, j]``
-    each fold's own R² at the chosen alpha.
+    each fold's own R² at the chosen alpha.  ``fitted_in`` is the model and residual basis
+    of the statistics (:mod:`embedwalk.concepts.fitted`; None: unknown); ``predict(x,
+    source=model_or_store)`` refuses activations of another model or basis.
     """
 
     coef: Float[Tensor, "p q"]
@@ -122,9 +125,17 @@ class RidgeFit:
     target_names: list[str] | None = None
     feature_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    fitted_in: dict | None = None
+    _repr_skip = ("fitted_in",)  # the headline names it
+
+    def check_compatible(self, model_or_store) -> None:
+        """Raise EmbedwalkError if ``model_or_store`` is another model or residual basis than
+        the one this map was fitted on (a map of unknown origin passes)."""
+        check_same(self.fitted_in, model_or_store, "this RidgeFit", "applied to activations of")
 
     def _headline(self) -> list[str]:
-        out = [f"ridge map: {self.n_features} features -> {self.n_targets} targets, n={self.n}"]
+        out = [f"ridge map: {self.n_features} features -> {self.n_targets} targets, n={self.n}, "
+               f"fitted on {describe_identity(self.fitted_in)}"]
         if self.cv_r2 is not None:
             r2 = self.cv_r2.double()
             out.append(f"held-out R²: overall {self.cv_r2_overall:.4g}; per target min {float(r2.min()):.4g}, "
@@ -150,7 +161,9 @@ class RidgeFit:
         sst = torch.as_tensor(sst, dtype=ACC)
         return float(1 - ((1 - self.cv_r2) * sst).sum() / sst.sum().clamp_min(1e-300))
 
-    def predict(self, x: Float[Tensor, "n p"]) -> Float[Tensor, "n q"]:
+    def predict(self, x: Float[Tensor, "n p"], *, source=None) -> Float[Tensor, "n q"]:
+        if source is not None:
+            self.check_compatible(source)
         x = torch.as_tensor(x)
         out = x.to(device=self.coef.device, dtype=ACC) @ self.coef + self.intercept
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
@@ -226,7 +239,7 @@ class RidgeFit:
         meta = {
             "class": "RidgeFit", "format_version": FORMAT_VERSION, "n": self.n,
             "cv_fold_n": self.cv_fold_n, "target_names": self.target_names,
-            "feature_names": self.feature_names, "meta": self.meta,
+            "feature_names": self.feature_names, "meta": self.meta, "fitted_in": self.fitted_in,
         }
         save_tensors(path, tensors, meta)
 
@@ -236,7 +249,7 @@ class RidgeFit:
         if m.get("class") != "RidgeFit":
             raise ValueError(f"{path} holds {m.get('class')!r}, not a RidgeFit")
         return cls(n=m["n"], cv_fold_n=m["cv_fold_n"], target_names=m["target_names"],
-                   feature_names=m["feature_names"], meta=m["meta"],
+                   feature_names=m["feature_names"], meta=m["meta"], fitted_in=m.get("fitted_in"),
                    **{k: t.get(k) for k in cls._TENSORS})
 
 
@@ -310,7 +323,7 @@ def fit_ridge(
         cv_fold_r2=fold_r2, cv_fold_n=[stats.folds[f].n for f in used],
         meta={"sst": sst.tolist(), "alpha_index": best.tolist(), "folds_used": used,
               "alpha_per_target": alpha_per_target},
-        **names,
+        fitted_in=stats.fitted_in, **names,
     )
 
 
@@ -329,4 +342,4 @@ def _fit_plain(stats: MomentStats, alphas, names) -> RidgeFit:
     sst = stats.syy.diagonal()
     r2 = 1 - heldout_sse(coef, intercept, stats) / sst.clamp_min(torch.finfo(ACC).tiny)
     return RidgeFit(coef=coef, intercept=intercept, alpha=alpha, n=stats.n, train_r2=r2,
-                    meta={"sst": sst.tolist()}, **names)
+                    meta={"sst": sst.tolist()}, fitted_in=stats.fitted_in, **names)

@@ -34,6 +34,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .fitted import describe_identity, identity_of, merged_identity
+
 __all__ = [
     "MomentStats",
     "ClassStats",
@@ -182,6 +184,11 @@ class MomentStats:
     Inputs may be any float dtype on any device; the accumulator lives on the
     device of the first batch unless ``device`` is given, and takes its sizes
     from the first batch unless they are given.
+
+    ``source`` (a model or an activation store the rows come from) records the model and
+    residual basis in ``fitted_in`` (:mod:`embedwalk.concepts.fitted`); it is saved with the
+    statistics, passed on to fits, and merging statistics of another model or basis raises
+    EmbedwalkError. Without it ``fitted_in`` is None (unknown).
     """
 
     def __init__(
@@ -190,8 +197,10 @@ class MomentStats:
         n_targets: int | None = None,
         *,
         device: torch.device | str | None = None,
+        source=None,
     ):
         self.n: int = 0
+        self.fitted_in: dict | None = identity_of(source)
         self.device = torch.device(device) if device is not None else None
         self.mean_x: Tensor | None = None
         self.mean_y: Tensor | None = None
@@ -221,10 +230,10 @@ class MomentStats:
         return None if self.syy is None else self.syy.shape[0]
 
     def empty_like(self) -> "MomentStats":
-        return MomentStats(self.n_features, self.n_targets, device=self.device)
+        return MomentStats(self.n_features, self.n_targets, device=self.device, source=self.fitted_in)
 
     def copy(self) -> "MomentStats":
-        out = MomentStats(device=self.device)
+        out = MomentStats(device=self.device, source=self.fitted_in)
         out.n = self.n
         for k in ("mean_x", "mean_y", "sxx", "sxy", "syy"):
             v = getattr(self, k)
@@ -232,7 +241,8 @@ class MomentStats:
         return out
 
     def __repr__(self) -> str:
-        return f"MomentStats(n={self.n}, p={self.n_features}, q={self.n_targets})"
+        return (f"MomentStats(n={self.n}, p={self.n_features}, q={self.n_targets}, "
+                f"fitted_in={describe_identity(self.fitted_in)!r})")
 
     # -- accumulation -----------------------------------------------------------
     def update(
@@ -280,7 +290,10 @@ class MomentStats:
         self.n = n
 
     def merge(self, other: "MomentStats") -> "MomentStats":
-        """Fold ``other`` into ``self`` (in place) and return ``self``."""
+        """Fold ``other`` into ``self`` (in place) and return ``self``.
+
+        Raises EmbedwalkError when both record a model / residual basis and they differ."""
+        self.fitted_in = _merge_identity(self, other)
         if not other.initialised or other.n == 0:
             if not self.initialised and other.initialised:
                 self._init(other.n_features, other.n_targets, other.device)
@@ -369,8 +382,8 @@ class MomentStats:
         }
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, Tensor], device=None) -> "MomentStats":
-        out = cls(device=device)
+    def from_state_dict(cls, sd: dict[str, Tensor], device=None, fitted_in: dict | None = None) -> "MomentStats":
+        out = cls(device=device, source=fitted_in)
         if "sxx" in sd:
             dev = torch.device(device) if device is not None else sd["sxx"].device
             out._init(sd["sxx"].shape[0], sd["syy"].shape[0], dev)
@@ -381,13 +394,16 @@ class MomentStats:
 
     def save(self, path: str | Path) -> None:
         save_tensors(path, self.state_dict(),
-                     {"class": "MomentStats", "format_version": FORMAT_VERSION})
+                     {"class": "MomentStats", "format_version": FORMAT_VERSION, **self._meta()})
+
+    def _meta(self) -> dict:
+        return {"fitted_in": self.fitted_in}
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> "MomentStats":
         sd, meta = load_tensors(path)
         _check_class(meta, cls.__name__)
-        return cls.from_state_dict(sd, device)
+        return cls.from_state_dict(sd, device, fitted_in=meta.get("fitted_in"))
 
 
 # --------------------------------------------------------------------------- classes
@@ -397,7 +413,8 @@ class ClassStats:
     """Per-class count and mean of X [n, p] and the pooled within-class scatter.
 
     ``sw = Σ_c Σ_{i∈c} (x_i - μ_c)(x_i - μ_c)ᵀ`` -- all that class-mean and LDA
-    probes need.  Labels are integers in ``[0, n_classes)``.
+    probes need.  Labels are integers in ``[0, n_classes)``.  ``source`` and
+    ``fitted_in`` as for :class:`MomentStats`.
     """
 
     def __init__(
@@ -407,7 +424,9 @@ class ClassStats:
         *,
         device: torch.device | str | None = None,
         class_names: Sequence[str] | None = None,
+        source=None,
     ):
+        self.fitted_in: dict | None = identity_of(source)
         if class_names is not None and len(class_names) != n_classes:
             raise ValueError("class_names must have n_classes entries")
         self.n_classes = int(n_classes)
@@ -439,16 +458,18 @@ class ClassStats:
 
     def empty_like(self) -> "ClassStats":
         return ClassStats(self.n_classes, self.n_features, device=self.device,
-                          class_names=self.class_names)
+                          class_names=self.class_names, source=self.fitted_in)
 
     def copy(self) -> "ClassStats":
-        out = ClassStats(self.n_classes, device=self.device, class_names=self.class_names)
+        out = ClassStats(self.n_classes, device=self.device, class_names=self.class_names,
+                         source=self.fitted_in)
         if self.initialised:
             out.counts, out.means, out.sw = self.counts.clone(), self.means.clone(), self.sw.clone()
         return out
 
     def __repr__(self) -> str:
-        return f"ClassStats(n={self.n}, n_classes={self.n_classes}, p={self.n_features})"
+        return (f"ClassStats(n={self.n}, n_classes={self.n_classes}, p={self.n_features}, "
+                f"fitted_in={describe_identity(self.fitted_in)!r})")
 
     def update(
         self,
@@ -491,6 +512,7 @@ class ClassStats:
     def merge(self, other: "ClassStats") -> "ClassStats":
         if other.n_classes != self.n_classes:
             raise ValueError("cannot merge ClassStats with different n_classes")
+        self.fitted_in = _merge_identity(self, other)
         if not other.initialised:
             return self
         if not self.initialised:
@@ -552,12 +574,12 @@ class ClassStats:
         return {"counts": self.counts, "means": self.means, "sw": self.sw}
 
     def _meta(self) -> dict:
-        return {"n_classes": self.n_classes, "class_names": self.class_names}
+        return {"n_classes": self.n_classes, "class_names": self.class_names, "fitted_in": self.fitted_in}
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Tensor], device=None, **meta) -> "ClassStats":
         out = cls(meta.get("n_classes", sd["counts"].shape[0]), device=device,
-                  class_names=meta.get("class_names"))
+                  class_names=meta.get("class_names"), source=meta.get("fitted_in"))
         if "sw" in sd:
             dev = torch.device(device) if device is not None else sd["sw"].device
             out.device = dev
@@ -582,6 +604,18 @@ class ClassStats:
 _ACCUMULATORS = {"MomentStats": MomentStats, "ClassStats": ClassStats}
 
 
+def _merge_identity(a, b) -> dict | None:
+    """The identity after merging ``b`` into ``a``: two known identities must agree; otherwise an
+    empty side takes the other's and data of unknown origin makes the union unknown."""
+    if a.fitted_in is not None and b.fitted_in is not None:
+        return merged_identity(a.fitted_in, b.fitted_in, f"these {type(a).__name__}")
+    if b.n == 0:
+        return a.fitted_in
+    if a.n == 0:
+        return b.fitted_in
+    return merged_identity(a.fitted_in, b.fitted_in, f"these {type(a).__name__}")
+
+
 def _check_class(meta: dict, name: str) -> None:
     if meta.get("class") != name:
         raise ValueError(f"file holds {meta.get('class')!r}, not {name!r}")
@@ -595,7 +629,8 @@ class FoldedStats:
     >>> fs.train(2), fs.test(2)                         # stats for fold 2's split
 
     ``accumulator`` builds an empty per-fold accumulator: ``MomentStats`` (the
-    default), or e.g. ``lambda: ClassStats(n_classes)`` for probes.
+    default), or e.g. ``lambda: ClassStats(n_classes)`` for probes.  ``source`` (a model
+    or store) records every fold's ``fitted_in`` as for :class:`MomentStats`.
     """
 
     def __init__(
@@ -603,15 +638,28 @@ class FoldedStats:
         n_folds: int = 5,
         seed: int = 0,
         accumulator: Callable[[], Any] = MomentStats,
+        *,
+        source=None,
     ):
         if n_folds < 2:
             raise ValueError("n_folds must be >= 2")
         self.n_folds = int(n_folds)
         self.seed = int(seed)
         self.folds = [accumulator() for _ in range(self.n_folds)]
+        ident = identity_of(source)
+        if ident is not None:
+            for a in self.folds:
+                a.fitted_in = ident
+
+    @property
+    def fitted_in(self) -> dict | None:
+        """The model and residual basis of the rows (None: unknown), as the folds record it."""
+        idents = [a.fitted_in for a in self.folds if a.n > 0] or [self.folds[0].fitted_in]
+        return idents[0] if all(i == idents[0] for i in idents) else None
 
     def __repr__(self) -> str:
-        return f"FoldedStats(n_folds={self.n_folds}, seed={self.seed}, counts={self.counts})"
+        return (f"FoldedStats(n_folds={self.n_folds}, seed={self.seed}, counts={self.counts}, "
+                f"fitted_in={describe_identity(self.fitted_in)!r})")
 
     def fold_of(self, groups: ArrayLike) -> Int[np.ndarray, " n"]:
         return group_folds(groups, self.n_folds, self.seed)
@@ -681,6 +729,7 @@ class FoldedStats:
     def merge(self, other: "FoldedStats") -> "FoldedStats":
         if (other.n_folds, other.seed) != (self.n_folds, self.seed):
             raise ValueError("cannot merge FoldedStats with different n_folds/seed")
+        merged_identity(self.fitted_in, other.fitted_in, "these FoldedStats")  # refuse before changing any fold
         for a, b in zip(self.folds, other.folds):
             a.merge(b)
         return self

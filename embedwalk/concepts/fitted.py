@@ -1,0 +1,94 @@
+"""What a concept fit was fitted on: the model and the residual basis of its activations.
+
+A probe, a ridge map or a set of moments is a function of activation vectors, and those
+vectors mean something else in another residual basis (TransformerLens weight processing
+centres the residual stream and folds norms, see :mod:`embedwalk.basis`) or in another
+model. A fit computed from a model or from an activation store records the same identity
+the store's manifest and a tuned lens record (:func:`embedwalk.store.manifest.model_identity`:
+the model's name, sizes, unembedding SHA-256 and residual basis) in the JSON of its
+safetensors file, and refuses to be applied to, or merged with, another one.
+
+A fit from plain tensors, or one loaded from a file written before identities were recorded,
+has the identity ``None`` ("unknown"): it is accepted everywhere (embedwalk cannot tell what
+it was fitted on) and its repr says so.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from embedwalk.errors import EmbedwalkError
+
+__all__ = ["identity_of", "check_same", "merged_identity", "describe_identity", "FITTED_IN_UNKNOWN"]
+
+FITTED_IN_UNKNOWN = "an unknown model and residual basis (plain tensors, or a file from before embedwalk recorded them)"
+
+# The fields whose difference changes what an activation vector means; the rest (class,
+# generation, stored dtype) may differ between two loadings of the same weights.
+_MEANING = ("d_model", "W_U_sha256", "residual_basis")
+
+
+def identity_of(source) -> Optional[dict]:
+    """The identity of ``source``: a model (anything :func:`embedwalk.adapter.adapt` takes), an
+    :class:`~embedwalk.store.ActivationStore` (its manifest's record), an identity dict, or
+    None (unknown). Raises EmbedwalkError for a store written before identities were recorded."""
+    if source is None or isinstance(source, dict):
+        return source
+    manifest = getattr(source, "manifest", None)
+    if isinstance(manifest, dict) and "config" in manifest:
+        ident = manifest["config"].get("model")
+        if not isinstance(ident, dict) or "residual_basis" not in ident:
+            return None  # a store from before bases were recorded: unknown, like an old fit file
+        return ident
+    from embedwalk.adapter import adapt
+    from embedwalk.store.manifest import model_identity
+
+    return model_identity(adapt(source))
+
+
+def describe_identity(ident: Optional[dict]) -> str:
+    """``'<model name> in <basis>'`` or the unknown phrase."""
+    from embedwalk.basis import describe
+
+    if ident is None:
+        return FITTED_IN_UNKNOWN
+    return f"{ident.get('name', '?')} (d_model={ident.get('d_model')}) in the {describe(ident['residual_basis'])} basis"
+
+
+def _differs(a: dict, b: dict) -> Optional[str]:
+    for key in _MEANING:
+        if a.get(key) != b.get(key):
+            return key
+    return None
+
+
+def check_same(fitted_in: Optional[dict], source, what: str, use: str) -> None:
+    """Raise EmbedwalkError when ``source`` (model, store or identity) is known and is not the
+    model and basis ``fitted_in`` records. ``what`` names the fit ('this LinearProbe'), ``use``
+    the operation ('applied to'); either side unknown passes."""
+    now = identity_of(source)
+    if fitted_in is None or now is None:
+        return
+    key = _differs(fitted_in, now)
+    if key is None:
+        return
+    if key == "residual_basis":
+        why = ("the residual bases differ: TransformerLens weight processing (a bridge's enable_compatibility_mode(), "
+               "HookedTransformer.from_pretrained's defaults) centres the residual stream and folds norms, and the "
+               "centred residual has lost its mean, so no exact conversion exists")
+    else:
+        why = f"they are different models ({key} differs)"
+    raise EmbedwalkError(
+        f"{what} was fitted on {describe_identity(fitted_in)}, but is {use} {describe_identity(now)}; {why}. "
+        "Use the model the fit was made on (e.g. the bridge without enable_compatibility_mode(), or "
+        "HookedTransformer.from_pretrained_no_processing), or refit on activations of this one"
+    )
+
+
+def merged_identity(a: Optional[dict], b: Optional[dict], what: str) -> Optional[dict]:
+    """The identity of the union of two statistics: refused when both are known and differ;
+    with one side unknown the union is unknown (embedwalk cannot vouch for the unknown rows)."""
+    if a is None or b is None:
+        return None
+    check_same(a, b, what, "merged with statistics of")
+    return a
