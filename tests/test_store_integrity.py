@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import Crash, make_tiny
 from embedwalk.errors import EmbedwalkError
-from embedwalk.run import Reader
 from embedwalk.store import cache_activations, open_store
 
 TEXTS = [" ".join(f"w{(7 * i + j) % 190 + 2}" for j in range(2 + i % 5)) for i in range(24)]
@@ -24,25 +23,9 @@ def gpt2():
     return make_tiny("gpt2")
 
 
-class Crash(Reader):
-    def __init__(self, after):
-        self.after, self.n = after, 0
-
-    def hook_points(self, adapter):
-        return [adapter.final_resid_hook]
-
-    def read(self, name, value, ctx):
-        pass
-
-    def end_batch(self, ctx):
-        self.n += 1
-        if self.n > self.after:
-            raise RuntimeError("crash")
-
-
 def _interrupted(model, out, **kw):
     with pytest.raises(RuntimeError, match="crash"):
-        cache_activations(model, TEXTS, out, readers=[Crash(3)], **{**KW, **kw})
+        cache_activations(model, TEXTS, out, readers=[Crash(3, out)], **{**KW, **kw})
     assert 0 < open_store(out, allow_partial=True).n_prompts < len(TEXTS)
 
 

@@ -11,9 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import GENERATION, make_tiny
+from conftest import GENERATION, Crash, make_tiny
 from embedwalk.errors import EmbedwalkError
-from embedwalk.run import Reader
 from embedwalk.store import cache_activations, open_store
 
 TEXTS = [" ".join(f"w{(7 * i + j) % 190 + 2}" for j in range(1 + i % 5)) for i in range(96)]
@@ -75,26 +74,10 @@ def test_resume_after_sigkill_is_identical(gpt2, tmp_path):
     assert not list(killed.glob(".*.partial"))
 
 
-class Crash(Reader):
-    def __init__(self, after):
-        self.after, self.n = after, 0
-
-    def hook_points(self, adapter):
-        return [adapter.final_resid_hook]
-
-    def read(self, name, value, ctx):
-        pass
-
-    def end_batch(self, ctx):
-        self.n += 1
-        if self.n > self.after:
-            raise RuntimeError("crash")
-
-
 def test_other_config_or_other_data_refused(gpt2, tmp_path):
     out = tmp_path / "s"
     with pytest.raises(RuntimeError, match="crash"):
-        cache_activations(gpt2, TEXTS, out, readers=[Crash(13)], **KW)
+        cache_activations(gpt2, TEXTS, out, readers=[Crash(13, out)], **KW)
     done = open_store(out, allow_partial=True)
     assert 0 < done.n_prompts < len(TEXTS) and done.n_prompts % KW["batch_size"] == 0
     with pytest.raises(EmbedwalkError, match="different configuration[\\s\\S]*dtype"):
