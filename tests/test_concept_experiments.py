@@ -190,6 +190,13 @@ def test_token_regression_null_on_random_features(tiny):
     assert (df.cv_r2 < 0.2).all() and (df.null_mean < 0.05).all()
 
 
+def test_token_regression_refuses_words_the_tokenizer_does_not_know(tiny):
+    # the word-level test model knows only w0, w1, ...: English words become <unk>, whose single
+    # vector would be regressed in place of every word
+    with pytest.raises(EmbedwalkError, match="does not know"):
+        token_regression(tiny, ["number"], n_perm=3)
+
+
 def test_fit_from_store_equals_in_memory_fit_and_cli(tiny_arch, tmp_path, capsys):
     from embedwalk.cli import main
     from embedwalk.concepts.experiments import fit_from_store

@@ -26,6 +26,7 @@ from torch import Tensor
 from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
+from embedwalk.inputs import refuse_unknown
 from embedwalk.run import Context, Reader, run
 
 __all__ = [
@@ -117,10 +118,12 @@ def token_vectors(
         raise EmbedwalkError("words must be a non-empty list of strings")
     ids = []
     for w in words:
-        t = a.to_tokens((" " + w) if leading_space else w, prepend_bos=False).tolist()
-        if not t:
+        text = (" " + w) if leading_space else w
+        t = a.to_tokens(text, prepend_bos=False)
+        if not t.numel():
             raise EmbedwalkError(f"word {w!r} tokenized to nothing; drop it")
-        ids.append(t)
+        refuse_unknown(a, text, t, what="word")
+        ids.append(t.tolist())
     table = a.W_E.detach() if kind == "embed" else a.W_U.detach().T
     vecs = torch.stack([table[torch.tensor(t, device=table.device)].float().mean(0) for t in ids])
     return TokenVectors(list(words), kind, vecs, ids)
