@@ -84,6 +84,17 @@ def refuse_unknown(adapter: ModelAdapter, text: str, ids: Tensor, what: str = "i
     )
 
 
+def _bos_alone(adapter: ModelAdapter, text: str, ids: Tensor) -> bool:
+    """True when ``text`` tokenized to nothing but BOS tokens it did not spell out itself (the
+    tokenizer dropped all of it: whitespace on a word-level model)."""
+    tok = adapter.tokenizer
+    bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+    if bos is None or not bool((ids == bos).all()):
+        return False
+    bos_str = getattr(tok, "bos_token", None)
+    return not (bos_str and bos_str in text)
+
+
 def tokenize(
     adapter: ModelAdapter,
     inputs: Inputs,
@@ -142,6 +153,13 @@ def tokenize(
     rows = [adapter.to_tokens(s, prepend_bos=prepend_bos) for s in inputs]
     if any(len(r) == 0 for r in rows):
         raise EmbedwalkError("an input string tokenized to zero tokens; drop empty strings")
+    bare = [i for i, (s, r) in enumerate(zip(inputs, rows)) if _bos_alone(adapter, s, r)]
+    if bare:
+        raise EmbedwalkError(
+            f"input {bare[0]} ({inputs[bare[0]]!r}) tokenized to the BOS token alone (this "
+            "tokenizer drops its text, e.g. whitespace on a word-level model), which says nothing "
+            "about any text; drop such prompts (or pass token ids if you really want BOS alone)"
+        )
     for s, r in zip(inputs, rows):
         refuse_unknown(adapter, s, r)
     side = padding_side or getattr(adapter.tokenizer, "padding_side", "right") or "right"

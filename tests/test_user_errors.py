@@ -44,6 +44,10 @@ def test_empty_prompt_is_refused_by_every_lens(tiny_arch):
     for name, call in calls.items():
         with pytest.raises(EmbedwalkError, match="empty string: it would be read as the BOS token alone"):
             call()
+    # whitespace passes the empty-string check but a word-level tokenizer drops it: BOS alone too
+    for text in (" ", ["w5 w6", " \n "]):
+        with pytest.raises(EmbedwalkError, match=r"tokenized to the BOS token alone"):
+            ew.logit_lens(tiny_arch, text)
     # BOS alone stays possible on purpose, as token ids
     assert ew.logit_lens(tiny_arch, torch.tensor([[1]])).top_ids.shape[1] == 1
 
