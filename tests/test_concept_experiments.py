@@ -220,7 +220,7 @@ def test_fit_from_store_equals_in_memory_fit_and_cli(tiny_arch, tmp_path, capsys
     # the fit records the store's model and residual basis, and refuses another model's
     assert fit.fitted_in == store.manifest["config"]["model"] and ref.fitted_in is None
     fit.check_compatible(tiny_arch)
-    with pytest.raises(EmbedwalkError, match=r"different models \(W_U_sha256 differs\)"):
+    with pytest.raises(EmbedwalkError, match=r"the models differ \(their unembedding hash differs\)"):
         fit.check_compatible({**fit.fitted_in, "W_U_sha256": "0" * 64})
     rev, _ = fit_from_store(store, "resid_post.1", "meta:label,topic", reverse=True, group="topic")
     assert rev.coef.shape == (1 + 5, ew.adapt(tiny_arch).d_model)

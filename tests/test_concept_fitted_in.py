@@ -102,6 +102,28 @@ def test_merging_statistics_of_two_bases_is_refused(raw, processed, tmp_path):
     assert fit_ridge(fa).fitted_in == a.fitted_in
 
 
+def test_another_model_in_the_same_basis_is_refused_as_another_model(raw, tmp_path):
+    """Both raw, other weights: the message names the models' difference, not the bases, and does
+    not point at compatibility mode; each class is named in the singular."""
+    other = make_tiny("gpt2", seed=1)
+    x, x_other = _x(raw), _x(other)
+    model_msg = r"fitted on \S+ \(d_model=64, unembedding SHA-256 \w+\.\.\.\).*the models differ \(their unembedding hash differs\).*Refit"
+    probe = fit_lda_probe(ClassStats(2, source=raw).update(x, LABELS))
+    checks = {
+        "this LinearProbe was": lambda: probe.predict(x_other, source=other),
+        "this MomentStats object was": lambda: MomentStats(source=raw).update(x, x[:, :1]).merge(
+            MomentStats(source=other).update(x_other, x_other[:, :1])),
+        "this FoldedStats object was": lambda: FoldedStats(3, source=raw).update(x, x[:, :1], groups=np.arange(24)).merge(
+            FoldedStats(3, source=other).update(x_other, x_other[:, :1], groups=np.arange(24))),
+    }
+    for what, call in checks.items():
+        with pytest.raises(EmbedwalkError, match=what + " " + model_msg) as err:
+            call()
+        assert "raw" not in str(err.value) and "compatibility" not in str(err.value)
+    with pytest.raises(EmbedwalkError, match=r"their d_model differs"):
+        probe.check_compatible({**probe.fitted_in, "d_model": 32})
+
+
 def test_a_fit_without_identity_is_accepted_and_says_unknown(raw, tmp_path):
     """Files from before identities were recorded (and fits from plain tensors) are accepted
     everywhere; the repr says the origin is unknown."""

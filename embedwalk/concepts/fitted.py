@@ -55,11 +55,10 @@ def describe_identity(ident: Optional[dict]) -> str:
     return f"{ident.get('name', '?')} (d_model={ident.get('d_model')}) in the {describe(ident['residual_basis'])} basis"
 
 
-def _differs(a: dict, b: dict) -> Optional[str]:
-    for key in _MEANING:
-        if a.get(key) != b.get(key):
-            return key
-    return None
+def _describe_model(ident: dict) -> str:
+    sha = ident.get("W_U_sha256")
+    return (f"{ident.get('name', '?')} (d_model={ident.get('d_model')}, unembedding SHA-256 "
+            f"{sha[:12] + '...' if isinstance(sha, str) else sha})")
 
 
 def check_same(fitted_in: Optional[dict], source, what: str, use: str) -> None:
@@ -67,21 +66,24 @@ def check_same(fitted_in: Optional[dict], source, what: str, use: str) -> None:
     model and basis ``fitted_in`` records. ``what`` names the fit ('this LinearProbe'), ``use``
     the operation ('applied to'); either side unknown passes."""
     now = identity_of(source)
-    if fitted_in is None or now is None:
+    if fitted_in is None or now is None or all(fitted_in.get(k) == now.get(k) for k in _MEANING):
         return
-    key = _differs(fitted_in, now)
-    if key is None:
-        return
-    if key == "residual_basis":
-        why = ("the residual bases differ: TransformerLens weight processing (a bridge's enable_compatibility_mode(), "
-               "HookedTransformer.from_pretrained's defaults) centres the residual stream and folds norms, and the "
-               "centred residual has lost its mean, so no exact conversion exists")
-    else:
-        why = f"they are different models ({key} differs)"
+    # Weight processing changes the unembedding too, so a basis difference is named first; with
+    # the same basis (or another width) the weights themselves differ: another model.
+    if fitted_in.get("d_model") == now.get("d_model") and fitted_in.get("residual_basis") != now.get("residual_basis"):
+        raise EmbedwalkError(
+            f"{what} was fitted on {describe_identity(fitted_in)}, but is {use} {describe_identity(now)}; "
+            "the residual bases differ: TransformerLens weight processing (a bridge's enable_compatibility_mode(), "
+            "HookedTransformer.from_pretrained's defaults) centres the residual stream and folds norms, and the "
+            "centred residual has lost its mean, so no exact conversion exists. Use the model the fit was made "
+            "on (e.g. the bridge without enable_compatibility_mode(), or "
+            "HookedTransformer.from_pretrained_no_processing), or refit on activations of this one"
+        )
+    differs = "d_model" if fitted_in.get("d_model") != now.get("d_model") else "unembedding hash"
     raise EmbedwalkError(
-        f"{what} was fitted on {describe_identity(fitted_in)}, but is {use} {describe_identity(now)}; {why}. "
-        "Use the model the fit was made on (e.g. the bridge without enable_compatibility_mode(), or "
-        "HookedTransformer.from_pretrained_no_processing), or refit on activations of this one"
+        f"{what} was fitted on {_describe_model(fitted_in)}, but is {use} {_describe_model(now)}: "
+        f"the models differ (their {differs} differs), so activation vectors of one mean something else in the other. "
+        "Refit on activations of this model, or use the model the fit was made on"
     )
 
 

@@ -608,12 +608,12 @@ def _merge_identity(a, b) -> dict | None:
     """The identity after merging ``b`` into ``a``: two known identities must agree; otherwise an
     empty side takes the other's and data of unknown origin makes the union unknown."""
     if a.fitted_in is not None and b.fitted_in is not None:
-        return merged_identity(a.fitted_in, b.fitted_in, f"these {type(a).__name__}")
+        return merged_identity(a.fitted_in, b.fitted_in, f"this {type(a).__name__} object")
     if b.n == 0:
         return a.fitted_in
     if a.n == 0:
         return b.fitted_in
-    return merged_identity(a.fitted_in, b.fitted_in, f"these {type(a).__name__}")
+    return merged_identity(a.fitted_in, b.fitted_in, f"this {type(a).__name__} object")
 
 
 def _check_class(meta: dict, name: str) -> None:
@@ -729,7 +729,7 @@ class FoldedStats:
     def merge(self, other: "FoldedStats") -> "FoldedStats":
         if (other.n_folds, other.seed) != (self.n_folds, self.seed):
             raise ValueError("cannot merge FoldedStats with different n_folds/seed")
-        merged_identity(self.fitted_in, other.fitted_in, "these FoldedStats")  # refuse before changing any fold
+        merged_identity(self.fitted_in, other.fitted_in, "this FoldedStats object")  # refuse before changing any fold
         for a, b in zip(self.folds, other.folds):
             a.merge(b)
         return self
