@@ -93,7 +93,7 @@ def test_embed_writer_changes_embeddings_like_inputs_embeds(tiny_arch):
 
 def test_multiple_choice_against_independent_computations(tiny_arch):
     a = ew.adapt(tiny_arch)
-    res = multiple_choice(tiny_arch, ITEMS, layer=1, reduction="weighted", gen_layer=0, batch_size=4)
+    res = multiple_choice(tiny_arch, ITEMS, readout=1, reduction="weighted", gen_readout=0, batch_size=4)
     # full-context scores are the model's own log-prob sums
     for i, it in enumerate(ITEMS):
         prefix = a.to_tokens(" ".join(it["context"]) + "\nQuestion: " + it["question"] + "\nAnswer:").tolist()
@@ -125,6 +125,30 @@ def test_multiple_choice_against_independent_computations(tiny_arch):
     assert res.plot() is not None
     with pytest.raises(EmbedwalkError):
         multiple_choice(tiny_arch, [{"context": "w5", "question": "w6", "options": ["w7"], "answer": 0}])
+
+
+def test_multiple_choice_counts_readouts_under_readout_and_refuses_layer(tiny_arch, capsys):
+    """``readout=`` is a readout index or label (0 = embedding, l + 1 = block l's output), as in
+    logit_lens(readouts=); the old ``layer=`` / ``gen_layer=`` (which counted readouts while
+    ``layers=`` elsewhere counts blocks) are refused naming the new spelling."""
+    from embedwalk.cli import main
+
+    by_label = multiple_choice(tiny_arch, ITEMS, readout="0", gen_readout="embed", methods=("concept_generation",),
+                               batch_size=4, progress=False)
+    by_index = multiple_choice(tiny_arch, ITEMS, readout=1, gen_readout=-3, methods=("concept_generation",),
+                               batch_size=4, progress=False)
+    assert (by_label.readout, by_label.gen_readout) == (by_index.readout, by_index.gen_readout) == (1, 0)
+    # the summary names block 0's output, the readout after the embedding
+    assert "similarity[mean,dot]@0" in set(by_label.summary().method)
+    assert torch.equal(by_label.scores["concept_generation"], by_index.scores["concept_generation"])
+    for kw, new in (({"layer": 1}, "readout"), ({"gen_layer": 0}, "gen_readout"), ({"layer": -1}, "readout")):
+        with pytest.raises(EmbedwalkError, match=f"`{list(kw)[0]}=` was renamed `{new}=`"):
+            multiple_choice(tiny_arch, ITEMS, progress=False, **kw)
+    with pytest.raises(EmbedwalkError, match="one readout index or label"):
+        multiple_choice(tiny_arch, ITEMS, readout=[1], progress=False)
+    for flag, new in (("--layer", "--readout"), ("--gen-layer", "--gen-readout")):
+        assert main(["concepts", "mc", flag, "1"]) != 0
+        assert f"`{flag}=` was renamed `{new}=`" in capsys.readouterr().err
 
 
 def _planted_table(n=24):

@@ -249,7 +249,7 @@ def _mc_result():
         items=[{"id": i} for i in range(n)], gold=gold, points=points,
         similarity={"mean": {"dot": torch.rand(n, len(points), generator=g) < 0.5}},
         scores={m: torch.randn(n, 4, generator=g) for m in ("full_context", "concept_generation", "question_only")},
-        layer=10, gen_layer=10, reduction="mean", n_options=4)
+        readout=10, gen_readout=10, reduction="mean", n_options=4)
 
 
 def test_multiple_choice_plot_legend_outside_and_ticks_legible():

@@ -24,11 +24,11 @@ def _bars(err: str) -> dict:
 
 
 def test_multiple_choice_shows_one_bar_for_all_passes(tiny_arch, capfd):
-    multiple_choice(tiny_arch, ITEMS, layer=1, gen_layer=0, batch_size=2)
+    multiple_choice(tiny_arch, ITEMS, readout=1, gen_readout=0, batch_size=2)
     bars = _bars(capfd.readouterr().err)
     n_texts = len({s for it in ITEMS for s in it["context"] + [it["question"]] + it["options"]})
     assert bars == {"multiple_choice (2 items)": (n_texts + 3 * 2 * 3, n_texts + 3 * 2 * 3)}
-    multiple_choice(tiny_arch, ITEMS, layer=1, gen_layer=0, batch_size=2, progress=False)
+    multiple_choice(tiny_arch, ITEMS, readout=1, gen_readout=0, batch_size=2, progress=False)
     assert capfd.readouterr().err == ""
 
 

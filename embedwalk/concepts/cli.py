@@ -30,10 +30,13 @@ def add_subparser(subparsers) -> None:
     m = sub.add_parser("mc", help="the concept-similarity and concept-generation tests on the "
                        "multiple-choice set, against full-context scoring and chance")
     add_model_arguments(m)
-    m.add_argument("--layer", type=int, default=-1, help="readout point for the similarity summary "
-                   "(0 = embedding, -1 = last block)")
-    m.add_argument("--gen-layer", type=int, default=0, help="readout point of the vectors fed as "
-                   "input embeddings (default 0: token-embedding space)")
+    m.add_argument("--readout", type=_readout, default=-1, help="readout for the similarity summary: "
+                   "an index (0 = embedding, l+1 = output of block l, -1 = last block) or a label")
+    m.add_argument("--gen-readout", type=_readout, default=0, help="readout of the vectors fed as "
+                   "input embeddings, index or label (default 0: token-embedding space)")
+    # renamed --readout / --gen-readout (they counted readouts, not blocks): refused with a message
+    m.add_argument("--layer", default=None, help=argparse.SUPPRESS)
+    m.add_argument("--gen-layer", default=None, help=argparse.SUPPRESS)
     m.add_argument("--reduction", default="mean", choices=["mean", "weighted", "last"], help="reduction of each answer's token vectors to one concept vector, for the summary and the generation test (default mean)")
     m.add_argument("--limit", type=int, default=None, help="use the first N items")
     m.add_argument("--data", default=None, help="a JSONL file of items (default: the shipped set)")
@@ -61,11 +64,20 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readout(text: str):
+    """A readout index (an integer, negative from the end) or a label such as 'embed'."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _mc(args: argparse.Namespace) -> int:
     import json
 
+    from embedwalk.lenses.logit import refuse_layers
+
     from embedwalk.concepts.experiments import multiple_choice
 
+    refuse_layers("`embedwalk concepts mc` (use --readout)", args.layer, old="--layer", new="--readout")
+    refuse_layers("`embedwalk concepts mc` (use --gen-readout)", args.gen_layer, old="--gen-layer", new="--gen-readout")
     model = model_from_args(args)
     items = None
     if args.data:
@@ -75,7 +87,7 @@ def _mc(args: argparse.Namespace) -> int:
         from embedwalk.concepts.datasets import load_dataset
 
         items = (items or load_dataset("multiple_choice"))[: args.limit]
-    res = multiple_choice(model, items, layer=args.layer, gen_layer=args.gen_layer,
+    res = multiple_choice(model, items, readout=args.readout, gen_readout=args.gen_readout,
                           reduction=args.reduction, batch_size=args.batch_size)
     print(res.summary().to_string(index=False))
     if args.csv:

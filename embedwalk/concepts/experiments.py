@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,7 @@ from torch import Tensor
 from embedwalk._summary import summary_repr
 from embedwalk.adapter import adapt
 from embedwalk.errors import EmbedwalkError
+from embedwalk.lenses.logit import refuse_layers
 from embedwalk.run import Context, Reader, Writer, run
 
 from .controls import evaluate_controls, permutation_p_value, probe_cv_scorer, shuffle_labels_by_group
@@ -573,8 +574,8 @@ class MultipleChoiceResult:
     points: list[str]
     similarity: dict
     scores: dict
-    layer: int
-    gen_layer: int
+    readout: int
+    gen_readout: int
     reduction: str
     n_options: int
     meta: dict = field(default_factory=dict)
@@ -594,8 +595,8 @@ class MultipleChoiceResult:
         rows = [dict(method="chance", accuracy=1.0 / self.n_options)]
         for how in self.similarity:
             for metric in self.similarity[how]:
-                rows.append(dict(method=f"similarity[{how},{metric}]@{self.points[self.layer]}",
-                                 accuracy=float(self.similarity_curve(how, metric)[self.layer])))
+                rows.append(dict(method=f"similarity[{how},{metric}]@{self.points[self.readout]}",
+                                 accuracy=float(self.similarity_curve(how, metric)[self.readout])))
         for m in self.scores:
             rows.append(dict(method=m, accuracy=self.accuracy(m)))
         df = pd.DataFrame(rows)
@@ -612,7 +613,7 @@ class MultipleChoiceResult:
                                      point=self.points[k], index=k, accuracy=float(acc)))
         for m in self.scores:
             rows.append(dict(method=m, reduction=self.reduction if m == "concept_generation" else None,
-                             metric="loglik", point=self.points[self.gen_layer] if m == "concept_generation" else None,
+                             metric="loglik", point=self.points[self.gen_readout] if m == "concept_generation" else None,
                              index=None, accuracy=self.accuracy(m)))
         rows.append(dict(method="chance", reduction=None, metric=None, point=None, index=None,
                          accuracy=1.0 / self.n_options))
@@ -626,7 +627,7 @@ class MultipleChoiceResult:
         for c in dict.fromkeys(cats):
             sel = torch.from_numpy(cats == c)
             row = {"category": c, "n": int(sel.sum())}
-            row[f"similarity[{self.reduction}]"] = self.similarity[self.reduction]["dot"][sel, self.layer].float().mean().item()
+            row[f"similarity[{self.reduction}]"] = self.similarity[self.reduction]["dot"][sel, self.readout].float().mean().item()
             for m in self.scores:
                 row[m] = (self.scores[m][sel].argmax(-1) == self.gold[sel]).float().mean().item()
             rows.append(row)
@@ -677,18 +678,29 @@ def _question_text(it) -> str:
     return f"Question: {it['question']}\nAnswer:"
 
 
+def _readout_index(a, readout, name: str) -> int:
+    """One readout's index (0 = embedding, l + 1 = output of block l) from an index or label."""
+    from embedwalk.lenses.logit import _select_points
+
+    if not isinstance(readout, (int, str)) or isinstance(readout, bool):
+        raise EmbedwalkError(f"{name} must be one readout index or label, got {readout!r}")
+    return _select_points(a.readout_points(), readout)[0].index
+
+
 def multiple_choice(
     model,
     items: Optional[Sequence[dict]] = None,
     *,
-    layer: int = -1,
+    readout: Union[int, str] = -1,
     reduction: str = "mean",
     reductions: Sequence[str] = REDUCTIONS,
-    gen_layer: int = 0,
+    gen_readout: Union[int, str] = 0,
     include_question: bool = True,
     methods: Sequence[str] = ("full_context", "concept_generation", "question_only"),
     batch_size: int = 16,
     progress: Optional[bool] = None,
+    layer=None,
+    gen_layer=None,
 ) -> MultipleChoiceResult:
     """(c) the concept-similarity test and (d) the generation test, with baselines.
 
@@ -697,10 +709,13 @@ def multiple_choice(
     reduction in ``reductions`` and every point come from the same single pass); the
     segments' vectors are averaged and the option whose own concept vector (the option
     text encoded alone) has the largest dot product (also reported: cosine) wins.
-    ``layer`` picks the point for the summary (``-1`` = the last block; ``0`` = embedding).
+    ``readout`` picks the point for the summary: a readout index (0 = embedding, l + 1 = the
+    output of block l, negative from the end: ``-1`` = the last block) or label ('embed', '3'),
+    as ``logit_lens(readouts=)``. The old ``layer=`` / ``gen_layer=`` (which counted readouts,
+    not blocks) are refused, naming ``readout=`` / ``gen_readout=``.
 
     (d) ``concept_generation``: BOS, then one input embedding per context segment (its
-    ``reduction`` concept vector at point ``gen_layer``; 0 = token-embedding space, the
+    ``reduction`` concept vector at readout ``gen_readout``; 0 = token-embedding space, the
     only space in which a vector is a natural input), then the question's tokens; each
     option is scored by its summed log-probability. Baselines: ``full_context`` (the
     context text itself in place of the vectors) and ``question_only`` (no context).
@@ -709,11 +724,10 @@ def multiple_choice(
     items = _check_items(items)
     if reduction not in reductions:
         raise EmbedwalkError(f"reduction {reduction!r} must be one of reductions={list(reductions)}")
+    refuse_layers("multiple_choice", layer, old="layer", new="readout")
+    refuse_layers("multiple_choice", gen_layer, old="gen_layer", new="gen_readout")
     n_points = a.n_layers + 1
-    layer = layer + n_points if layer < 0 else layer
-    gen_layer = gen_layer + n_points if gen_layer < 0 else gen_layer
-    if not (0 <= layer < n_points and 0 <= gen_layer < n_points):
-        raise EmbedwalkError(f"layer / gen_layer must lie in 0..{n_points - 1} (0 = embedding)")
+    readout, gen_readout = _readout_index(a, readout, "readout"), _readout_index(a, gen_readout, "gen_readout")
     from embedwalk.progress import progress_scope
 
     texts: dict[str, int] = {}
@@ -723,12 +737,12 @@ def multiple_choice(
     # One bar, one ETA, for the segment pass and every scoring pass (prompts forwarded).
     total = len(texts) + len(methods) * len(items) * len(items[0]["options"])
     with progress_scope(total, f"multiple_choice ({len(items)} items)", progress=progress):
-        return _multiple_choice(a, model, items, texts, layer=layer, reduction=reduction, reductions=reductions,
-                                gen_layer=gen_layer, include_question=include_question, methods=methods,
+        return _multiple_choice(a, model, items, texts, readout=readout, reduction=reduction, reductions=reductions,
+                                gen_readout=gen_readout, include_question=include_question, methods=methods,
                                 batch_size=batch_size, progress=progress, n_points=n_points)
 
 
-def _multiple_choice(a, model, items, texts, *, layer, reduction, reductions, gen_layer, include_question, methods,
+def _multiple_choice(a, model, items, texts, *, readout, reduction, reductions, gen_readout, include_question, methods,
                      batch_size, progress, n_points) -> MultipleChoiceResult:
     t0 = time.perf_counter()
     # One pass encodes every distinct segment, question and option alone.
@@ -764,7 +778,7 @@ def _multiple_choice(a, model, items, texts, *, layer, reduction, reductions, ge
                 p = a.to_tokens(_question_text(it)).tolist()
                 ins = None
             elif method == "concept_generation":
-                vecs = seg[reduction][[texts[s] for s in it["context"]], gen_layer]
+                vecs = seg[reduction][[texts[s] for s in it["context"]], gen_readout]
                 k = vecs.shape[0]
                 p = head + [a.pad_token_id] * k + q
                 ins = (torch.arange(len(head), len(head) + k), vecs)
@@ -779,7 +793,7 @@ def _multiple_choice(a, model, items, texts, *, layer, reduction, reductions, ge
         scores[method] = lp.reshape(len(items), n_opt)
     meta = dict(include_question=include_question, seconds_similarity=t_sim,
                 seconds_total=time.perf_counter() - t0)
-    return MultipleChoiceResult(items, gold, point_labels(a), similarity, scores, layer, gen_layer,
+    return MultipleChoiceResult(items, gold, point_labels(a), similarity, scores, readout, gen_readout,
                                 reduction, n_opt, meta)
 
 

@@ -546,19 +546,23 @@ def _positions_for(positions, n: int, prompt: int) -> Tensor:
     return torch.tensor([p % n for p in positions])
 
 
-def refuse_layers(where: str, layers) -> None:
-    """Refuse the old ``layers=`` spelling of a readout selection.
+def refuse_layers(where: str, layers, *, old: str = "layers", new: str = "readouts") -> None:
+    """Refuse the old ``layers=`` (or ``old``) spelling of a readout selection, naming ``new``.
 
     Everywhere else in embedwalk (and in TransformerLens) ``layers`` counts blocks; the lenses
-    used to count readouts under that name (0 = embedding), so ``layers=[30]`` on a 30-block
-    model silently meant block 29. Readout selections are now spelled ``readouts=``.
+    (and ``multiple_choice``'s ``layer``) used to count readouts under that name (0 = embedding),
+    so ``layers=[30]`` on a 30-block model silently meant block 29. Readout selections are now
+    spelled ``readouts=`` (one readout: ``readout=``).
     """
     if layers is None:
         return
+    one = not new.endswith("s")
     raise EmbedwalkError(
-        f"{where} selects readouts, so `layers=` was renamed `readouts=` (it counted readouts, not "
-        "blocks: 0 = embedding, l + 1 = output of block l). Pass readouts=[...] with readout "
-        "indices or labels (e.g. readouts=['embed', '3'] or readouts=[l + 1] for block l's output)."
+        f"{where} selects {'a readout' if one else 'readouts'}, so `{old}=` was renamed `{new}=` (it "
+        "counted readouts, not blocks: 0 = embedding, l + 1 = output of block l). Pass "
+        f"{new}={'...' if one else '[...]'} with {'a readout index or label' if one else 'readout indices or labels'} "
+        f"(e.g. {new}={repr('3') if one else repr(['embed', '3'])} or {new}={'l + 1' if one else '[l + 1]'} "
+        "for block l's output)."
     )
 
 
