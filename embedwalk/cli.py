@@ -48,6 +48,9 @@ def main(argv=None) -> int:
         return 0
     from embedwalk.errors import EmbedwalkError
 
+    problem = _unwritable_output(args)
+    if problem:  # before a model loads or a run starts: its results would be lost at the end
+        return _user_error(problem)
     try:
         return int(args.func(args) or 0)
     except EmbedwalkError as e:
@@ -57,10 +60,39 @@ def main(argv=None) -> int:
         # ours and keep their traceback.
         if e.filename is None or not isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)):
             raise
-        return _user_error(f"{e.strerror}: {e.filename}")
+        return _user_error(f"cannot write {e.filename}: {e.strerror}" if _writing(e) else f"{e.strerror}: {e.filename}")
     except KeyboardInterrupt:
         print("embedwalk: interrupted", file=sys.stderr)
         return 130
+
+
+def _writing(e: OSError) -> bool:
+    return isinstance(e, (PermissionError, IsADirectoryError, FileExistsError))
+
+
+# Every subcommand's output-file options; checked once here, before any work.
+_OUTPUT_OPTIONS = ("csv", "plot", "png")
+
+
+def _unwritable_output(args) -> str:
+    """Why an output file named on the command line cannot be written ('' when it can)."""
+    import os
+    from pathlib import Path
+
+    for dest in _OUTPUT_OPTIONS:
+        value = getattr(args, dest, None)
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser()
+        folder = path.parent
+        flag = f"--{dest}"
+        if path.is_dir():
+            return f"cannot write {value} ({flag}): it is a folder; name a file in it"
+        if not folder.is_dir():
+            return f"cannot write {value} ({flag}): the folder {folder} does not exist; create it or choose another path"
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            return f"cannot write {value} ({flag}): permission denied; choose a writable path"
+    return ""
 
 
 def _user_error(message: str) -> int:

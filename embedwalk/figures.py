@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-__all__ = ["visible_token", "save_figure", "ratio_norm", "log_norm", "mark_missing", "INTERACTIVE_EXTRA", "require_plotly"]
+__all__ = ["visible_token", "save_figure", "ratio_norm", "log_norm", "signed_norm", "integer_ticks", "mark_missing", "INTERACTIVE_EXTRA", "require_plotly"]
 
 INTERACTIVE_EXTRA = "pip install 'embedwalk[interactive]'  (or: pip install plotly)"
 
@@ -75,6 +75,26 @@ def ratio_norm(values: np.ndarray):
     span = float(np.max(np.abs(np.log(pos))))
     span = max(span, np.log(1.05))
     return LogNorm(vmin=float(np.exp(-span)), vmax=float(np.exp(span)), clip=True)
+
+
+def signed_norm(values: np.ndarray):
+    """A norm centred on 0 with symmetric limits, for a diverging colour map ("RdBu_r") of a
+    signed quantity: 0 is the neutral middle colour, +x and -x equally strong."""
+    from matplotlib.colors import Normalize
+
+    v = np.asarray(values, dtype=float)
+    finite = v[np.isfinite(v)]
+    span = float(np.abs(finite).max()) if finite.size else 1.0
+    span = span if span > 0 else 1.0
+    return Normalize(vmin=-span, vmax=span)
+
+
+def integer_ticks(*axes) -> None:
+    """Only whole-number ticks on these axes (layer and head indices: no 0.5 ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in axes:
+        axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def mark_missing(ax, missing: np.ndarray) -> int:

@@ -97,3 +97,34 @@ def test_user_errors_print_one_line(tmp_path, capsys):
     missing = tmp_path / "missing.txt"
     assert main(["priority", "heads", *MODEL, "--text-file", str(missing)]) == 2
     assert capsys.readouterr().err == f"embedwalk: error: No such file or directory: {missing}\n"
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import embedwalk.cli_args as cli_args
+
+    def no_model(args):  # the check comes first: no model is loaded for a run whose output would be lost
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli_args, "model_from_args", no_model)
+    monkeypatch.setattr("embedwalk.lenses.cli.model_from_args", no_model)
+    missing = tmp_path / "nowhere" / "x.csv"
+    assert main(["lens", "logit", *MODEL, "w5 w6", "--csv", str(missing)]) == 2
+    assert capsys.readouterr().err.startswith(f"embedwalk: error: cannot write {missing} (--csv): the folder")
+    assert main(["lens", "logit", *MODEL, "w5 w6", "--plot", str(tmp_path)]) == 2
+    assert f"cannot write {tmp_path} (--plot): it is a folder" in capsys.readouterr().err
+    assert main(["bias", "sweep", *MODEL, "--csv", str(missing)]) == 2
+    assert "embedwalk: error: cannot write" in capsys.readouterr().err
+    # the renamed --layers is refused before the model loads, in command-line syntax
+    assert main(["lens", "tuned-train", *MODEL, "--layers", "1,2", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "--readouts embed,0" in err and "--readouts 2,3" in err
+
+
+def test_lens_logit_readouts(tmp_path):
+    csv = tmp_path / "r.csv"
+    assert main(["lens", "logit", *MODEL, "w5 w6 w7", "--readouts", "embed,2", "--csv", str(csv)]) == 0
+    got = pd.read_csv(csv)
+    whole = ew.logit_lens(ew.load_model("tiny-llama", device="cpu"), "w5 w6 w7").to_dataframe()
+    assert sorted(got.layer.astype(str).unique()) == ["1", "embed"]  # readout 2 = output of block 1
+    want = whole[whole.layer.astype(str).isin(["embed", "1"])]
+    assert len(got) == len(want) and abs(got.kl_to_final.to_numpy() - want.kl_to_final.to_numpy()).max() < 1e-5

@@ -158,6 +158,26 @@ def test_association_bias_colour_bars_have_units(tiny_arch):
     plt.close(fig)
 
 
+def test_sweep_plot_integer_ticks_and_signed_map_centred_on_zero(tiny_arch):
+    from embedwalk.association.measure import sweep
+
+    res = sweep(tiny_arch, TEXTS)
+    fig = res.plot("delta_loss")
+    bars, grid = fig.axes[0], fig.axes[1]
+    for axis in (bars.xaxis, grid.xaxis, grid.yaxis):
+        ticks = [t for t in axis.get_ticklocs() if axis.get_view_interval().min() <= t <= axis.get_view_interval().max()]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    im = grid.images[0]
+    values = res.head_matrix("delta_loss").numpy()
+    assert im.get_cmap().name == "RdBu_r" and im.norm.vmin == -im.norm.vmax
+    assert im.norm.vmax >= abs(values).max() - 1e-9 and (values > 0).any() and (values < 0).any()  # both signs drawn
+    assert "Δ loss" in fig.axes[2].get_ylabel()  # the colour bar says what and in which unit
+    plt.close(fig)
+    fig = res.plot("kl")  # unsigned: a sequential map
+    assert fig.axes[1].images[0].get_cmap().name == "magma"
+    plt.close(fig)
+
+
 def _inside_figure(fig, artists):
     """Every artist's box lies inside the saved (tight) figure: nothing is clipped."""
     import io

@@ -75,3 +75,21 @@ def test_concept_results_show_r2_and_accuracy_columns(tiny_gpt2):
                           random_baseline=False, points=[0, -1], progress=False)
     best = probes.table[probes.table.model == "trained"].real.max()
     _short(probes, "real", "selectivity", f"{best:.3f}")
+
+
+def test_tuned_lens_swap_effect_and_sweep_table(tiny_gpt2):
+    from embedwalk.association.measure import downstream, sweep
+    from embedwalk.lenses.tuned import TunedLens
+
+    lens = TunedLens.for_model(tiny_gpt2)
+    text = _short(lens, "TunedLens", f"d_model {tiny_gpt2.cfg.d_model}", "readouts (", "embed", "basis: raw")
+    assert len(text.splitlines()) <= 6 and "ParameterList" not in text
+    assert len(list(lens.parameters())) == 2 * len(lens.labels) and set(lens.state_dict())  # still an nn.Module
+    eff = downstream(tiny_gpt2, TEXTS, targets=[0])
+    _short(eff, "SwapEffect", f"delta loss {eff.delta_loss:+.4g} nats", f"KL(original || swapped) {eff.kl:.4g}",
+           f"top-1 agreement {eff.top1_agreement:.1%}", f"cosine {eff.composite_cosine:.4f}")
+    table = sweep(tiny_gpt2, TEXTS).table
+    assert str(table.layer.dtype) == "Int64" and str(table["head"].dtype) == "Int64"
+    heads = table[table.unit == "head"]
+    assert heads.layer.tolist() == [l for l in range(2) for _ in range(int(heads["head"].max()) + 1)]
+    assert table["head"].isna().sum() == (table.unit != "head").sum()

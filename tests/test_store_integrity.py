@@ -147,3 +147,27 @@ def test_a_damaged_manifest_is_named(gpt2, tmp_path):
     manifest.write_text(json.dumps({"format": "embedwalk-activation-store", "format_version": 1}))
     with pytest.raises(EmbedwalkError, match=r"manifest.json lacks \['config', 'shards'.*damaged"):
         cache_activations(gpt2, TEXTS[:4], out, **KW)
+
+
+def test_prompts_without_selected_rows_and_a_run_without_any(gpt2, tmp_path):
+    # shard_rows=1: the last shard holds only prompts where nothing was selected (zero rows).
+    texts = ["w2 w3 w4 w5 w6 w7", "w8 w9", "w5 w6 w7", "w9 w10"]
+    w7 = gpt2.tokenizer.convert_tokens_to_ids("w7")
+    pick = lambda tokens, mask: tokens == w7  # noqa: E731
+    kw = dict(layers=[1], batch_size=1, shard_rows=1, progress=False)
+    store = cache_activations(gpt2, texts, tmp_path / "some", positions=pick, **kw)
+    want = [(i, j) for i, t in enumerate(texts) for j, tok in enumerate(gpt2.to_tokens(t)[0].tolist()) if tok == w7]
+    again = open_store(tmp_path / "some", verify=True)
+    got = again.get(slice(None))
+    assert list(zip(got.prompt.tolist(), got.position.tolist())) == want
+    assert again.n_prompts == 4 and again.prompts["n_rows"].tolist() == [1, 0, 1, 0]
+    assert len(cache_activations(gpt2, texts, tmp_path / "some", positions=pick, **kw)) == 2  # resumes as complete
+    with pytest.raises(EmbedwalkError, match="positions selected no rows in any of the 4 prompts"):
+        cache_activations(gpt2, texts, tmp_path / "none", positions=lambda t, m: t == -1, **kw)
+
+
+def test_positions_returning_indices_is_refused(gpt2, tmp_path):
+    with pytest.raises(EmbedwalkError, match=r"positions must return a bool mask \[batch, pos\]"):
+        cache_activations(gpt2, TEXTS, tmp_path / "i", positions=lambda t, m: torch.tensor([[0, 1]]), **KW)
+    with pytest.raises(EmbedwalkError, match=r"got torch.int64"):  # 0/1 integers shaped like the mask too
+        cache_activations(gpt2, TEXTS, tmp_path / "j", positions=lambda t, m: m.long(), **KW)

@@ -355,6 +355,14 @@ class SwapEffect:
     def delta_loss(self) -> float:
         return self.loss_swapped - self.loss_original
 
+    def _headline(self) -> list[str]:
+        return [
+            f"uniform swap of {self.targets} over {self.n_tokens} tokens: delta loss {self.delta_loss:+.4g} nats "
+            f"({self.loss_original:.4g} -> {self.loss_swapped:.4g})",
+            f"KL(original || swapped) {self.kl:.4g} nats, top-1 agreement {self.top1_agreement:.1%}, "
+            f"final-residual cosine {self.composite_cosine:.4f}",
+        ]
+
     def as_row(self) -> dict:
         return {"loss_original": self.loss_original, "loss_swapped": self.loss_swapped,
                 "delta_loss": self.delta_loss, "kl": self.kl, "top1_agreement": self.top1_agreement,
@@ -443,7 +451,12 @@ class SweepResult:
             elif unit == "head":
                 layer, head = e.targets[0]
             rows.append({"unit": unit, "layer": layer, "head": head, **e.as_row()})
-        return pd.DataFrame(rows)
+        df = pd.DataFrame(rows)
+        # nullable integers: a layer is 3, not 3.0, and "no head" is <NA>, not NaN
+        for col in ("layer", "head"):
+            if col in df:
+                df[col] = pd.array([None if pd.isna(v) else int(v) for v in df[col]], dtype="Int64")
+        return df
 
     def head_matrix(self, metric: str = "delta_loss") -> Float[Tensor, "layer head"]:
         out = torch.full((self.n_layers, self.n_heads), float("nan"))
@@ -464,14 +477,24 @@ class SweepResult:
         heads = self.head_matrix(metric)
         has_heads = not torch.isnan(heads).all()
         fig, axes = plt.subplots(1, 1 + has_heads, figsize=(5 + 5 * has_heads, 4.5), constrained_layout=True, squeeze=False)
+        from embedwalk.figures import integer_ticks, signed_norm
+
         ax = axes[0, 0]
-        ax.bar(layers.layer, layers[metric])
+        ax.bar(layers.layer.to_numpy(dtype=int), layers[metric].to_numpy(dtype=float))
         ax.set(title=f"{metric}: one layer swapped", xlabel="layer", ylabel=_SWEEP_UNITS.get(metric, metric))
+        integer_ticks(ax.xaxis)
         if has_heads:
-            im = axes[0, 1].imshow(heads.numpy(), aspect="auto", cmap="magma")
+            values = heads.numpy()
+            # a signed metric diverges around 0 (blue: the swap helped, red: it hurt)
+            style = dict(cmap="RdBu_r", norm=signed_norm(values)) if metric in _SIGNED else dict(cmap="magma")
+            im = axes[0, 1].imshow(values, aspect="auto", **style)
             axes[0, 1].set(title=f"{metric}: one head swapped", xlabel="head", ylabel="layer")
+            integer_ticks(axes[0, 1].xaxis, axes[0, 1].yaxis)
             fig.colorbar(im, ax=axes[0, 1], label=_SWEEP_UNITS.get(metric, metric))
         return fig
+
+
+_SIGNED = {"delta_loss"}  # metrics whose sign matters: drawn on a diverging map centred on 0
 
 
 _SWEEP_UNITS = {

@@ -10,15 +10,35 @@ import argparse
 import importlib
 
 from embedwalk.cli_args import add_model_arguments, model_from_args
+from embedwalk.errors import EmbedwalkError
 
 # Modules that register more `embedwalk lens <name>` subcommands (walk, decompose, decode).
 LENS_SUBCOMMAND_MODULES = ["embedwalk.lenses.cli_walk"]
+
+
+def _readouts(text):
+    """``--readouts embed,0,3`` -> ``['embed', 0, 3]`` (indices as ints, labels as strings); None for all."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        raise EmbedwalkError(f"--readouts {text!r} has an empty item; write readout indices or labels separated by commas, e.g. --readouts embed,0")
+    return [int(x) if x.lstrip("-").isdigit() else x for x in items]
+
+
+def _plus_one(layers: str) -> str:
+    """The --readouts spelling of block outputs given as --layers (block l -> readout l + 1)."""
+    try:
+        return ",".join(str(int(x) + 1) for x in layers.split(","))
+    except ValueError:
+        return "1,2"
 
 
 def _logit(args) -> int:
     from embedwalk.lenses.logit import logit_lens
     from embedwalk.lenses.tuned import TunedLens
 
+    readouts = _readouts(args.readouts)
     model = model_from_args(args)
     translator = TunedLens.load(args.tuned, model) if args.tuned else None
     positions = "last" if args.last else None
@@ -30,7 +50,7 @@ def _logit(args) -> int:
         targets = first.top_ids[-1, :, 0].tolist()
         print("target: the model's own top-1 prediction at the last position (--target to choose another)")
     res = logit_lens(model, args.text, positions=positions, targets=targets, top_k=args.top_k,
-                     mid=args.mid, translator=translator, chunk_size=args.chunk_size)
+                     mid=args.mid, readouts=readouts, translator=translator, chunk_size=args.chunk_size)
     df = res.to_dataframe()
     if args.csv:
         df.to_csv(args.csv, index=False)
@@ -52,6 +72,12 @@ def _tuned_train(args) -> int:
     from embedwalk.lenses.logit import logit_lens
     from embedwalk.lenses.tuned import sample_text, train_tuned_lens
 
+    if args.layers is not None:  # before the model loads: a typo should not cost a download
+        raise EmbedwalkError(
+            "`embedwalk lens tuned-train --layers` was renamed --readouts (it counted readouts, not blocks: "
+            f"0 = embedding, l + 1 = output of block l). Use e.g. --readouts embed,0 or --readouts {_plus_one(args.layers)}"
+        )
+    readouts = _readouts(args.readouts)
     model = model_from_args(args)
     if args.text_file:
         paragraphs = [p for p in Path(args.text_file).read_text(encoding="utf-8").split("\n\n") if p.strip()]
@@ -59,11 +85,6 @@ def _tuned_train(args) -> int:
         train, heldout = paragraphs[:cut], paragraphs[cut:]
     else:
         train, heldout = sample_text("train"), sample_text("heldout")
-    if args.layers is not None:
-        from embedwalk.lenses.logit import refuse_layers
-
-        refuse_layers("`embedwalk lens tuned-train` (use --readouts)", args.layers)
-    readouts = [int(x) if x.lstrip("-").isdigit() else x for x in args.readouts.split(",")] if args.readouts else None
     lens = train_tuned_lens(model, train, readouts=readouts, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, step_tokens=args.step_tokens)
     lens.save(args.out)
     print(f"saved tuned lens to {args.out}")
@@ -91,6 +112,7 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--mid", action="store_true", help="also read each block's midpoint (after attention)")
     p.add_argument("--tuned", default=None, help="folder of a tuned lens to use as translator")
     p.add_argument("--chunk-size", type=int, default=None, help="(readout, position) rows read out at once")
+    p.add_argument("--readouts", default=None, help="comma-separated readout indices (0 = embedding, l+1 = output of block l) or labels to read (default: all)")
     p.add_argument("--csv", default=None, help="write the full data frame here")
     p.add_argument("--plot", default=None, help="save the heatmap of prompt 0 here (png/pdf)")
     p.add_argument("--metric", default="kl_to_final", help="heatmap metric (kl_to_final, entropy, target_logprob, ...)")

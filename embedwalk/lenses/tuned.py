@@ -75,6 +75,19 @@ class TunedLens(torch.nn.Module):
         self.weight = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(d_model, d_model)) for _ in self.labels])
         self.bias = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(d_model)) for _ in self.labels])
 
+    def __repr__(self) -> str:
+        # nn.Module's repr lists every translator (dozens of lines); say what the lens is instead.
+        # Everything else of nn.Module (parameters, state_dict, .to) is untouched.
+        from embedwalk._summary import result_repr
+
+        readouts = ", ".join(self.labels[:12]) + (f", ... ({len(self.labels)} in all)" if len(self.labels) > 12 else "")
+        n_params = sum(p.numel() for p in self.parameters())
+        return result_repr(self, [
+            f"model {self.model_name or '(unnamed)'}, d_model {self.d_model}, {n_params:,} parameters",
+            f"readouts ({len(self.labels)}): {readouts}",
+            f"basis: {describe(self.basis) if self.basis is not None else 'unrecorded (a file from before bases were recorded)'}",
+        ])
+
     @classmethod
     def for_model(cls, model, *, mid: bool = False, readouts: Optional[Sequence[Union[int, str]]] = None, layers=None) -> "TunedLens":
         """An identity-initialised lens for every readout but the final one (or the subset

@@ -131,6 +131,8 @@ def model_identity(adapter) -> dict:
 
 
 def _raw(t: torch.Tensor) -> memoryview:
+    if t.numel() == 0:  # a shard of prompts where no position was selected; memoryview cannot cast it
+        return memoryview(b"")
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)

@@ -202,12 +202,14 @@ class _Gather(Reader):
                 sel[torch.arange(mask.shape[0], device=mask.device), ctx.batch.last] = True
             else:
                 sel = self.positions(ctx.batch.tokens.cpu(), mask.cpu())
-                if not isinstance(sel, Tensor) or sel.shape != mask.shape:
+                if not isinstance(sel, Tensor) or sel.dtype != torch.bool or sel.shape != mask.shape:
+                    # Integer indices (or 0/1 ints) would be read as a mask and store the wrong rows.
+                    got = f"{sel.dtype} {tuple(sel.shape)}" if isinstance(sel, Tensor) else type(sel).__name__
                     raise EmbedwalkError(
-                        f"the positions function must return a bool tensor shaped like the tokens {tuple(mask.shape)}, "
-                        f"got {getattr(sel, 'shape', type(sel).__name__)}"
+                        f"positions must return a bool mask [batch, pos] shaped like the tokens {tuple(mask.shape)}, "
+                        f"got {got}; to select indices, build a mask: sel = torch.zeros_like(mask); sel[:, idx] = True"
                     )
-                sel = sel.to(mask.device).bool() & mask  # pad positions are never stored
+                sel = sel.to(mask.device) & mask  # pad positions are never stored
             self._sel = sel
         return self._sel
 
@@ -432,7 +434,10 @@ def cache_activations(
     ``positions`` is ``"all"``, ``"last"`` or a function ``(tokens, mask) -> bool mask``; a
     function enters the configuration by what it computes (code, constants, defaults, closure
     and global values), and one whose identity cannot be established must be named with
-    ``positions_id``. Rerunning into ``out`` resumes only the same configuration and data:
+    ``positions_id``. It must return a ``bool`` mask ``[batch, pos]`` (integer indices are
+    refused). Prompts where it selects nothing are recorded with zero rows; a run where it
+    selects no row at all raises :class:`EmbedwalkError` (an empty store is never written
+    as if complete). Rerunning into ``out`` resumes only the same configuration and data:
     kept shards are checked against their SHA-256, a complete store is returned only for the
     same data, anything else raises :class:`EmbedwalkError`. Deleted trailing shards are
     rewritten (byte-identical).
@@ -531,6 +536,12 @@ def cache_activations(
                     bar.set_postfix({"tok/s": f"{n_tokens / (time.perf_counter() - t0):.0f}", "written": f"{writer.bytes_written / 2**20:.1f} MB"}, refresh=False)
         writer.close(flush=True)
         ok = True
+        if manifest["rows"] == 0 and world_size == 1:  # one rank of several may hold none; the merge counts them
+            raise EmbedwalkError(
+                f"positions selected no rows in any of the {manifest['prompts']} prompts, so there is nothing to "
+                f"store in {directory}; check the positions function (it returns a bool mask [batch, pos]; pad "
+                "positions are never selected) and delete that directory before rerunning"
+            )
     finally:
         adapter.model.train(was_training)
         if not ok:
