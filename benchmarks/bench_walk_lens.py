@@ -136,7 +136,7 @@ def main(argv=None) -> None:
         del model
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{dev}; torch {torch.__version__}; TransformerLens generation {installed_generation()}; median of {args.repeats}\n")
-    print(f"| model | what | time | × forward | peak extra memory |\n|---|---|---|---|---|")
+    print("| model | what | time | × forward | peak extra memory |\n|---|---|---|---|---|")
     for model_name, what, t, ratio, mem in rows:
         print(f"| {model_name} | {what} | {t * 1000:.0f} ms | {ratio:.2f} | {mem / 2**20:.0f} MB |")
 

@@ -425,7 +425,7 @@ class ModelAdapter:
             if attn is None or mlp is None:
                 for k in ("attn_out", "mlp_out"):
                     if k not in terms:
-                        self.unavailable[h(k)] = f"hook_attn_out and hook_mlp_out never fire on this parallel block"
+                        self.unavailable[h(k)] = "hook_attn_out and hook_mlp_out never fire on this parallel block"
             elif gap(pre + attn + mlp, post) > tol:
                 for k in ("attn_out", "mlp_out"):
                     self.unavailable[h(k)] = (f"resid_pre + attn_out + mlp_out misses resid_post by "

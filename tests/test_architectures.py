@@ -10,7 +10,7 @@ import torch
 from architectures import CAPABILITIES, CASES, case, check_nonvacuous, run_cell
 from embedwalk import adapt
 from embedwalk.errors import ArchitectureError
-from embedwalk.testing import installed_generation, matrix_case
+from embedwalk.testing import installed_generation
 
 GEN = installed_generation()
 

@@ -2,7 +2,6 @@
 
 import re
 
-import pytest
 
 import embedwalk as ew
 from embedwalk.concepts.experiments import multiple_choice

@@ -86,15 +86,7 @@ def test_compatibility_mode_counts_as_another_model():
 def test_loads_the_tuned_lens_projects_checkpoint(tiny_arch, tmp_path, prefix):
     a = ew.adapt(tiny_arch)
     g = torch.Generator().manual_seed(0)
-    state = {}
-    for i in range(a.n_layers):
-        state[f"{prefix}{i}.weight"] = 0.01 * torch.randn(a.d_model, a.d_model, generator=g)
-        state[f"{prefix}{i}.bias"] = 0.01 * torch.randn(a.d_model, generator=g)
-    torch.save(state, tmp_path / "params.pt")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "base_model_name_or_path": "tiny", "d_model": a.d_model, "num_hidden_layers": a.n_layers,
-        "bias": True, "unembed_hash": None, "lens_type": "linear_tuned_lens",
-    }))
+    state = _their_checkpoint(tmp_path, a, g, prefix=prefix, scale=0.01)
     lens = TunedLens.load(tmp_path, tiny_arch)
     # their translator i acts residually on hidden_states[i]: readout i (0 = embedding)
     h = torch.randn(3, a.d_model, generator=g)
@@ -136,11 +128,12 @@ def _processed(kind):
     return model
 
 
-def _their_checkpoint(path, a, g):
+def _their_checkpoint(path, a, g, *, prefix="", scale=0.05):
+    """A random checkpoint in the tuned-lens project's format (params.pt + config.json)."""
     state = {}
     for i in range(a.n_layers):
-        state[f"{i}.weight"] = 0.05 * torch.randn(a.d_model, a.d_model, generator=g)
-        state[f"{i}.bias"] = 0.05 * torch.randn(a.d_model, generator=g)
+        state[f"{prefix}{i}.weight"] = scale * torch.randn(a.d_model, a.d_model, generator=g)
+        state[f"{prefix}{i}.bias"] = scale * torch.randn(a.d_model, generator=g)
     torch.save(state, path / "params.pt")
     (path / "config.json").write_text(json.dumps({
         "base_model_name_or_path": "tiny", "d_model": a.d_model, "num_hidden_layers": a.n_layers,

@@ -192,7 +192,6 @@ def bypass_exact(adapter: ModelAdapter) -> bool:
     if cached is not None and cached[0] == _mode(adapter):
         return cached[1]
     tokens = _probe_tokens(adapter)
-    ones = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
 
     def mix(v):
         g = adapter.n_heads // adapter.n_kv_heads

@@ -28,7 +28,7 @@ from embedwalk._summary import summary_repr
 from embedwalk.adapter import adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.lenses.logit import refuse_layers
-from embedwalk.run import Context, Reader, Writer, run
+from embedwalk.run import Context, Writer, run
 
 from .controls import evaluate_controls, permutation_p_value, probe_cv_scorer, shuffle_labels_by_group
 from .datasets import load_dataset

@@ -25,7 +25,7 @@ from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import tokenize
-from embedwalk.lenses.projection import directions, pca_2d, short
+from embedwalk.lenses.projection import directions, pca_2d
 from embedwalk.run import Context, Reader, run
 
 __all__ = ["DecodingWalk", "LastPositionReader", "decoding_walk", "filter_logits"]

@@ -23,10 +23,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from embedwalk._summary import summary_repr
-from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
+from embedwalk.adapter import ModelAdapter, ReadoutPoint
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs
-from embedwalk.lenses.projection import directions, pca_2d, select_positions, short
+from embedwalk.lenses.projection import directions, pca_2d, select_positions
 from embedwalk.run import Context, Reader, run
 
 __all__ = ["WalkResult", "WalkReader", "walk_lens", "nearest_tokens"]
