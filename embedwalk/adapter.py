@@ -800,6 +800,33 @@ class ModelAdapter:
             logits = self.output_transform(logits)
         return logits[:n].reshape(*shape[:-1], logits.shape[-1])
 
+    def readout_parts(self) -> "ReadoutParts":
+        """:meth:`readout` split so the logits can be produced a vocabulary block at a time:
+        ``normed(x)`` (final norm, then ``project_out`` folded into ``W_U``), ``W_U``
+        ``[d_model, d_vocab]``, ``b_U`` (or None) and the elementwise :meth:`output_transform`.
+
+        Checked once per adapter against :meth:`readout` on rows of the unembedding's own
+        scale; a mismatch beyond float rounding raises :class:`ArchitectureError` (blocks of
+        a readout that is not ``transform(norm(x) @ W_U + b_U)`` would be wrong numbers)."""
+        if getattr(self, "_readout_parts", None) is None:
+            parts = ReadoutParts(self)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(6, self.d_model, generator=g, dtype=torch.float64).to(self.device, self.dtype)
+            with torch.no_grad():
+                want = self.readout(x).double()
+                step = -(-self.d_vocab // 3)  # three blocks: a transform that mixes them shows
+                got = torch.cat([parts.block(parts.normed(x), j0, j0 + step) for j0 in range(0, self.d_vocab, step)], -1).double()
+            gap = float((got - want).abs().max())
+            tol = (1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2) * (1 + float(want.abs().max()))
+            if not gap <= tol:
+                raise ArchitectureError(
+                    f"{type(self.model).__name__}: its readout is not final norm -> W_U (+ b_U) -> an "
+                    f"elementwise output transform (blocks of it differ from the model's readout by "
+                    f"{gap:.2e}), so the logit lens cannot read it a vocabulary block at a time"
+                )
+            self._readout_parts = parts
+        return self._readout_parts
+
     # ------------------------------------------------------------------ tokens
     @property
     def tokenizer(self):
@@ -862,3 +889,31 @@ class ModelAdapter:
             f"d_model={self.d_model}, heads={self.n_heads}, kv_heads={self.n_kv_heads}, vocab={self.d_vocab}, "
             f"blocks={'/'.join(layouts)})"
         )
+
+
+class ReadoutParts:
+    """The readout of :class:`ModelAdapter` as ``transform(normed(x) @ W_U + b_U)`` (see
+    :meth:`ModelAdapter.readout_parts`, which verifies it), for logits a vocabulary block at a
+    time."""
+
+    def __init__(self, adapter: "ModelAdapter"):
+        self._adapter = adapter
+        self.W_U = adapter.W_U.detach()
+        b = adapter.b_U
+        self.b_U = None if b is None or not bool(b.detach().any()) else b.detach()
+
+    def normed(self, x: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_model"]:
+        """The final norm of each row (the model's own module), in the model's dtype."""
+        return self._adapter.final_norm(x.to(self.W_U.dtype))
+
+    def block(self, u: Float[Tensor, "rows d_model"], j0: int, j1: int, *, out: Optional[Tensor] = None) -> Tensor:
+        """Logits ``[rows, j1 - j0]`` of vocabulary entries ``j0:j1`` from normed rows ``u``,
+        float32 (float64 for a float64 model)."""
+        W = self.W_U[:, j0:j1]
+        z = torch.mm(u, W, out=out) if out is not None and u.dtype == out.dtype else torch.mm(u, W)
+        if self.b_U is not None:
+            z += self.b_U[j0:j1]
+        z = self._adapter.output_transform(z) if self._adapter.output_scale != 1.0 else z
+        if z.dtype not in (torch.float32, torch.float64):
+            z = z.float()
+        return z

@@ -334,10 +334,14 @@ def run(
             raise EmbedwalkError(f"writers must be embedwalk Writers, got {type(party).__name__}")
     for r in readers:
         r.start(adapter)
+    # eval() on the bridge walks ~10k modules and costs ~40 ms (as much again to switch back),
+    # which a sweep of hundreds of short runs would pay: switch only when something trains.
     was_training = adapter.model.training
+    switch = any(m.training for m in _all_modules(adapter.model))
     ctx_ref: list = [None]
     try:
-        adapter.model.eval()
+        if switch:
+            adapter.model.eval()
         stream = batches(
             adapter,
             inputs,
@@ -373,5 +377,13 @@ def run(
                 for r in readers:
                     r.end_batch(ctx)
     finally:
-        adapter.model.train(was_training)
+        if switch:
+            adapter.model.train(was_training)
     return [r.result() for r in readers]
+
+
+def _all_modules(model: torch.nn.Module):
+    yield from model.modules()
+    original = model.__dict__.get("original_model")  # the bridge's HF model sits outside its module tree
+    if isinstance(original, torch.nn.Module):
+        yield from original.modules()

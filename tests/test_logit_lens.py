@@ -5,16 +5,20 @@ import torch
 
 import embedwalk as ew
 from embedwalk.errors import EmbedwalkError
+from embedwalk.lenses import logit as logit_module
 from embedwalk.lenses import logit_lens
+from embedwalk.reduce import fused_available
 
 TEXTS = ["w5 w6 w7 w8 w9 w10 w11", "w9 w10 w12", "w3 w4 w5 w30 w31"]
 
 
 def _own_logprobs(model, text):
+    """The exact log-probs of the model's own logits (float64 log-softmax: torch's float32
+    one is itself off by up to 1.6e-5 on SmolLM2's vocabulary), as float32."""
     a = ew.adapt(model)
     toks = a.to_tokens(text)[None]
     with torch.no_grad():
-        return toks[0], model(toks)[0].log_softmax(-1)
+        return toks[0], model(toks)[0].double().log_softmax(-1).float()
 
 
 def test_final_readout_is_the_models_own_distribution(tiny):
@@ -47,8 +51,10 @@ def _reference(model, text, mid=False):
     return toks[0], torch.stack(lps)  # [readout, pos, vocab]
 
 
-@pytest.mark.parametrize("chunk_size", [3, None])
-def test_every_metric_against_float64_recomputation(tiny_arch, chunk_size):
+@pytest.mark.parametrize("chunk_size,block", [(3, None), (None, None), (None, 7), (5, 13)])
+def test_every_metric_against_float64_recomputation(tiny_arch, chunk_size, block, monkeypatch):
+    if block is not None:  # many vocabulary blocks, with a ragged last one, as on a real vocabulary
+        monkeypatch.setattr(logit_module, "vocab_block", lambda device: block)
     res = logit_lens(tiny_arch, TEXTS, chunk_size=chunk_size, top_k=4, padding_side="right")
     for p, text in enumerate(TEXTS):
         toks, lp = _reference(tiny_arch, text)
@@ -59,6 +65,9 @@ def test_every_metric_against_float64_recomputation(tiny_arch, chunk_size):
         assert torch.allclose(res.target_logprob[:, rows[:-1]].double(), ref_lp, atol=1e-4)
         ref_rank = (lp[:, : T - 1] > ref_lp[..., None]).sum(-1)
         assert (res.target_rank[:, rows[:-1]] - ref_rank).abs().max() <= 1  # float32 ties only
+        # exact wherever no other entry lies within float32 rounding of the target
+        clear = ((lp[:, : T - 1] - ref_lp[..., None]).abs() < 1e-5).sum(-1) == 1
+        assert torch.equal(res.target_rank[:, rows[:-1]][clear], ref_rank[clear])
         ref_ent = -(lp.exp() * lp).sum(-1)
         assert torch.allclose(res.entropy[:, rows].double(), ref_ent, atol=1e-4)
         ref_kl = (lp[-1].exp() * (lp[-1] - lp)).sum(-1)
@@ -199,3 +208,30 @@ def test_smollm2_entropy_and_kl_accurate_to_float64(smollm2):
     kl = (lp[-1].exp() * (lp[-1] - lp)).sum(-1)
     assert (res.entropy.double() - ent).abs().max() < 4e-5
     assert ((res.kl_to_final.double() - kl).abs() <= 4e-5 + 2e-5 * kl).all()
+
+
+def test_fused_reduction_gives_the_eager_numbers(tiny_arch, monkeypatch):
+    monkeypatch.setattr(logit_module, "vocab_block", lambda device: 11)
+    eager = logit_lens(tiny_arch, TEXTS, fused=False, mid=True)
+    if not fused_available("cpu"):
+        with pytest.raises(EmbedwalkError, match="fused=True, but"):
+            logit_lens(tiny_arch, TEXTS, fused=True)
+        return
+    fused = logit_lens(tiny_arch, TEXTS, fused=True, mid=True)
+    for name in ("target_logprob", "entropy", "kl_to_final", "top_probs"):
+        assert torch.allclose(getattr(eager, name), getattr(fused, name), atol=2e-6, equal_nan=True), name
+    for name in ("target_rank", "top_ids", "top1_agrees"):
+        assert torch.equal(getattr(eager, name), getattr(fused, name)), name
+    with pytest.raises(EmbedwalkError, match="fused must be"):
+        logit_lens(tiny_arch, TEXTS, fused="yes")
+
+
+def test_a_readout_that_is_not_blockwise_is_refused(tiny, monkeypatch):
+    """The lens forms logits a vocabulary block at a time; an output transform that mixes the
+    vocabulary (here: centring each row) cannot be, and the adapter's check refuses it."""
+    a = ew.adapt(tiny)
+    monkeypatch.setattr(a, "_readout_parts", None, raising=False)
+    monkeypatch.setattr(type(a), "output_transform", lambda self, z: z - z.mean(-1, keepdim=True))
+    monkeypatch.setattr(a, "_output_scale", None, raising=False)
+    with pytest.raises(ew.ArchitectureError, match="vocabulary block at a time"):
+        logit_lens(tiny, TEXTS)

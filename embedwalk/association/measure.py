@@ -223,6 +223,7 @@ class _Reference:
     final: Tensor  # [n_valid, d_model] float32
     nll: Tensor  # [n_pred] float64
     pre: dict  # layer -> residual entering it [batch, pos, d_model]
+    p: Optional[Tensor] = None  # exp(logp), formed once for every swap compared with it
 
 
 @dataclass
@@ -270,7 +271,9 @@ def _accumulate(sums: _Sums, ref: _Reference, logits: Tensor, final: Tensor, tok
     del logp
     # KL = sum p_o (log p_o - log p_s), one product over the vocabulary summed in float64 blocks
     diff = ref.logp - lp
-    sums.kl += float(rowdot(ref.logp.exp(), diff).sum())
+    if ref.p is None:
+        ref.p = ref.logp.exp()
+    sums.kl += float(rowdot(ref.p, diff, out=diff).sum())
     sums.agree += float((ref.top1 == lp.argmax(-1)).sum())
     sums.cos += float(F.cosine_similarity(ref.final, final[m.to(final.device)], dim=-1).double().sum())
     sums.nll_o += float(ref.nll.sum())
@@ -327,6 +330,12 @@ class _RowSwap(Writer):
         chosen = chosen.repeat_interleave(self.group_rows, 0).to(value.device)[:, None, :, None]
         z = _heads_view(value, a.n_heads)
         return torch.where(chosen, new.to(z.dtype), z).reshape(value.shape)
+
+
+def _packs(by_layer: dict[int, list[int]], per: int) -> list[list[tuple[int, int]]]:
+    """The swaps (layer, job) in layer order, cut into packs of at most ``per`` row groups."""
+    flat = [(layer, j) for layer in sorted(by_layer) for j in by_layer[layer]]
+    return [flat[i : i + per] for i in range(0, len(flat), per)]
 
 
 def _prompt_batches(tokens: Tensor, mask: Tensor, batch_size: int):
@@ -567,17 +576,19 @@ def sweep(
                 _swapped_pass(adapter, tok, m, [UniformSwap("all", exclude_self=exclude_self, method=method)], [ref], [sums[0]])
                 if bar is not None:
                     bar.update(B)
-            per = max(1, rows_cap // B)  # row groups per forward
-            for layer, idx in by_layer.items():
-                for g0 in range(0, len(idx), per):
-                    group = idx[g0 : g0 + per]
-                    heads = [resolve_targets(adapter, jobs[j][1])[layer] for j in group]
-                    G = len(group)
-                    writers = [Resume(layer, ref.pre[layer].repeat(G, 1, 1)),
-                               _RowSwap(layer, heads, B, exclude_self=exclude_self)]
-                    _swapped_pass(adapter, tok.repeat(G, 1), m.repeat(G, 1), writers, [ref] * G, [sums[j] for j in group])
-                    if bar is not None:
-                        bar.update(B * G)
+            for pack in _packs(by_layer, max(1, rows_cap // B)):
+                # One forward per pack of row groups, resumed at its first layer: a swap at a
+                # later layer of the pack recomputes the few blocks in between (as the original
+                # pass did) rather than paying a forward of its own.
+                start, G = pack[0][0], len(pack)
+                writers = [Resume(start, ref.pre[start].repeat(G, 1, 1))]
+                for layer in sorted({l for l, _ in pack}):
+                    heads = [resolve_targets(adapter, jobs[j][1])[layer] if l == layer else [] for l, j in pack]
+                    writers.append(_RowSwap(layer, heads, B, exclude_self=exclude_self))
+                group = [j for _, j in pack]
+                _swapped_pass(adapter, tok.repeat(G, 1), m.repeat(G, 1), writers, [ref] * G, [sums[j] for j in group])
+                if bar is not None:
+                    bar.update(B * G)
             del ref
     finally:
         if bar is not None:

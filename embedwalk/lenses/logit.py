@@ -1,28 +1,31 @@
 """The logit lens: read every residual readout through the model's own final norm and unembed.
 
 One streaming pass. A reader gathers the residual at the requested positions at each readout
-hook (``[readouts, positions, d_model]``, small), and at the end of each batch reads them out
-in chunks of at most ``chunk_size`` (readout, position) rows, so the peak extra memory is
-about ``chunk_size x d_vocab`` floats times a few temporaries, never
-``[readouts, batch, pos, vocab]``.
+hook (``[readouts, positions, d_model]``, small), and at the end of each batch reads them out.
 
-Per chunk the unembedding GEMM is the cost; the metrics need few passes over the logits
-``z`` because the log-probs ``l = log_softmax(z)`` are formed in place (torch's own kernel, so the final
-readout matches the model's log-probs), and then
+The unembedding GEMM is the cost, so everything else is arranged around it:
 
-- log p(target) = l_t, and the rank is the count of log-probs strictly above l_t;
-- top-k is one ``topk`` over l;
-- entropy H = -exp(l) . l and KL(final || layer) = sum p_f log p_f - p_f . l are row-wise dot
-  products (:func:`embedwalk.reduce.rowdot`: float32 sums over blocks of 2048 entries, added in float64,
-  ~1e-5 nats on a 49k vocabulary where one float32 dot product loses ~5e-4), with
-  ``exp(l)`` and the rank comparison written into scratch buffers reused across chunks,
+- up to ``chunk_size`` (readout, position) rows (default 1024) share one GEMM, which runs
+  at full speed only with that many rows;
+- the logits are formed one vocabulary block at a time (:func:`vocab_block`: 2048 entries on
+  CPU) and reduced while the block is still in cache (:class:`embedwalk.reduce.VocabAccumulator`:
+  running maximum, log-normaliser, entropy, target rank, the KL's cross term, top-k, merged
+  in float64 like a streaming softmax), so the full ``[rows, vocab]`` logits never exist;
+- KL(final || layer) = sum p_f log p_f - sum p_f z + log Z * sum p_f needs only the cross term
+  sum p_f z per block; the final distribution p_f is formed once per position chunk
+  (:func:`final_rows` positions) and shared by every readout.
 
-and the final distribution (p_f, sum p_f log p_f, its top-1) is computed once per position
-chunk and reused by every readout.
+The final readout goes through the model's own modules (:meth:`ModelAdapter.readout`), so its
+log-probabilities are the model's own; the other readouts use the same norm, ``W_U``, ``b_U``
+and output transform a block at a time (:meth:`ModelAdapter.readout_parts`, verified against
+the model's readout once per adapter). Entropies and KLs are summed in float32 over blocks of
+2048 entries and in float64 across blocks (~1e-5 nats on a 49k vocabulary, where one float32
+dot product loses ~5e-4). ``fused=True`` reduces each block with one ``torch.compile`` kernel.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -35,7 +38,7 @@ from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs, tokenize
-from embedwalk.reduce import rowdot
+from embedwalk.reduce import VocabAccumulator, _blocksum, fused_available
 from embedwalk.run import Context, Reader, run
 
 __all__ = ["LogitLensResult", "LogitLensReader", "logit_lens", "default_chunk_size", "METRICS", "refuse_layers"]
@@ -48,10 +51,10 @@ METRICS = ("kl_to_final", "entropy", "target_logprob", "target_rank", "top1_prob
 
 
 def default_chunk_size(device: torch.device) -> int:
-    """Rows of (readout, position) read out at once: ~25 MB of float32 logits per 50k vocab on
-    CPU (cache-friendly, and below TransformerLens' own peak), ~200 MB on a GPU (enough rows
-    to keep the GEMM efficient)."""
-    return 1024 if torch.device(device).type == "cuda" else 128
+    """(readout, position) rows per unembedding GEMM: 1024, enough rows for the GEMM to run
+    at full speed on a CPU or a GPU. Memory stays small whatever it is: the logits are formed
+    a vocabulary block at a time (:func:`vocab_block`)."""
+    return 1024
 
 
 # ---------------------------------------------------------------------------- result
@@ -326,9 +329,12 @@ class LogitLensReader(Reader):
         readouts: Optional[Sequence[Union[int, str]]] = None,
         translator: Optional[Translator] = None,
         chunk_size: Optional[int] = None,
+        fused: Optional[bool] = None,
         layers=None,
     ):
         refuse_layers("LogitLensReader", layers)
+        if fused is not None and not isinstance(fused, bool):
+            raise EmbedwalkError(f"fused must be None (automatic), True or False, got {fused!r}")
         if not isinstance(top_k, int) or top_k < 1:
             raise EmbedwalkError(f"top_k must be a positive int, got {top_k!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -340,6 +346,7 @@ class LogitLensReader(Reader):
         self.readouts = readouts
         self.translator = translator
         self.chunk_size = chunk_size
+        self.fused = fused
 
     # -- setup
     def start(self, adapter: ModelAdapter) -> None:
@@ -356,6 +363,7 @@ class LogitLensReader(Reader):
         self._out: dict[str, list] = {k: [] for k in ("prompt", "pos", "token", "target", "ids", "probs", "lp", "rank", "ent", "kl", "agree")}
         self._resid: dict[str, Tensor] = {}
         self._sel = None
+        self._use_fused = None
 
     def hook_points(self, adapter: ModelAdapter) -> Sequence[str]:
         return self.hooks
@@ -399,9 +407,11 @@ class LogitLensReader(Reader):
         if self._sel is None or self._sel[0] is not ctx:
             return
         target = self._out["target"][-1].to(self.adapter.device)
+        if self._use_fused is None:
+            self._use_fused = _want_fused(self.fused, self.adapter)
         res = _read_out(
             self.adapter, self.points, self.final, self._resid, target,
-            top_k=self.top_k, chunk=self.chunk, translator=self.translator,
+            top_k=self.top_k, chunk=self.chunk, translator=self.translator, fused=self._use_fused,
         )
         for key, value in res.items():
             self._out[key].append(value.cpu())
@@ -427,19 +437,30 @@ class LogitLensReader(Reader):
 
 
 # ---------------------------------------------------------------------------- arithmetic
-def _log_probs(adapter: ModelAdapter, x: Tensor) -> Tensor:
-    """float32 log-probs of residual rows through the model's own readout."""
+def _logits(adapter: ModelAdapter, x: Tensor) -> Tensor:
+    """float32 (or float64) logits of residual rows through the model's own readout."""
     z = adapter.readout(x)
-    z = z if z.dtype in (torch.float32, torch.float64) else z.float()
-    torch.log_softmax(z, -1, out=z)  # in place: torch's own kernel, no second [rows, vocab] buffer
-    return z
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
+def vocab_block(device: torch.device) -> int:
+    """Vocabulary entries per logit block: on CPU a ``[1024, 2048]`` float32 block (8 MB)
+    stays in cache for the passes that follow its GEMM; a GPU wants bigger kernels."""
+    return 16384 if torch.device(device).type == "cuda" else 2048
+
+
+def final_rows(device: torch.device) -> int:
+    """Positions per chunk: the final distribution ``[positions, vocab]`` is kept whole while
+    every readout of those positions is read (25 MB per 50k vocabulary at 128 on CPU)."""
+    return 1024 if torch.device(device).type == "cuda" else 128
 
 
 @torch.no_grad()
-def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator):
+def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator, fused=False):
     n_rows = resid[final.hook].shape[0]
     R = len(points)
     dev = adapter.device
+    V = adapter.d_vocab
     out = {
         "ids": torch.empty((R, n_rows, top_k), dtype=torch.long, device=dev),
         "probs": torch.empty((R, n_rows, top_k), dtype=torch.float32, device=dev),
@@ -449,53 +470,95 @@ def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator
         "kl": torch.empty((R, n_rows), device=dev),
         "agree": torch.empty((R, n_rows), dtype=torch.bool, device=dev),
     }
-    P = min(n_rows, chunk)  # positions per chunk; G readouts share one GEMM of G*P rows
-    G = max(1, chunk // P)
+    finals = [i for i, p in enumerate(points) if p.hook == final.hook]
+    others = [i for i, p in enumerate(points) if p.hook != final.hook]
+    parts = adapter.readout_parts() if others else None
+    vb = vocab_block(dev)
+    P = min(n_rows, chunk, final_rows(dev))  # positions per chunk
+    G = max(1, chunk // P)  # readouts sharing one GEMM of G * P rows
     bufs = _Buffers()
+
     for p0 in range(0, n_rows, P):
         sl = slice(p0, min(n_rows, p0 + P))
         n = sl.stop - sl.start
         tgt = target[sl]
         has_t = tgt >= 0
         tgt_c = tgt.clamp(min=0)
-        lpf = _log_probs(adapter, resid[final.hook][sl])
-        pf = lpf.exp()
-        negh_f = rowdot(pf, lpf)  # sum p_f log p_f (float64), once per position chunk
-        pmax_f = pf.max(-1).values  # agreement is tie-aware: the layer's top-1 is a final argmax
-        for g0 in range(0, R, G):
-            group = points[g0 : g0 + G]
-            m = len(group)
-            if m == 1 and group[0].hook == final.hook:
-                lp = lpf  # the final readout itself (never translated): already read out
-            else:
-                xs = []
-                for p in group:
-                    h = resid[p.hook][sl]
-                    if translator is not None and p.hook != final.hook:
-                        h = translator(h, p)
-                    xs.append(h)
-                lp = _log_probs(adapter, torch.cat(xs))  # [m*n, vocab], readout-major
-            vals, ids = lp.topk(top_k, -1)
-            lpt = lp.gather(1, tgt_c.repeat(m)[:, None])[:, 0]
-            above = torch.gt(lp, lpt[:, None], out=bufs.get("above", lp.shape, torch.bool, dev))
-            rank = above.sum(-1, dtype=torch.int32).long()  # int32 sums run ~1.5x faster
-            # H = -p . log p and the KL's cross term p_f . log p: float32 blocks, float64 sums
-            scratch = bufs.get("prod", lp.shape, lp.dtype, dev)
-            ent = -rowdot(torch.exp(lp, out=bufs.get("p", lp.shape, lp.dtype, dev)), lp, out=scratch)
-            cross = torch.cat([rowdot(pf, lp[i * n : (i + 1) * n], out=scratch[i * n : (i + 1) * n]) for i in range(m)])
-            kl = (negh_f.repeat(m) - cross).clamp_(min=0)
-            del lp
-            rs = slice(g0, g0 + m)
+        # The final readout through the model's own modules, whole: its log-probs are the
+        # model's own, and its distribution is every readout's KL reference.
+        zf = _logits(adapter, resid[final.hook][sl])
+        pf = torch.softmax(zf, -1)
+        sum_pf = _blocksum(pf)
+        acc = VocabAccumulator(top_k, fused=fused, scratch=bufs)
+        zt_f = zf.gather(1, tgt_c[:, None])[:, 0]
+        for j0 in range(0, V, vb):
+            acc.update(zf[:, j0 : j0 + vb], j0, zt_f, pf[:, j0 : j0 + vb], 1)
+        st_f, vals_f, ids_f = acc.result()
+        negh_f = st_f.cross - st_f.log_norm * sum_pf  # sum p_f log p_f, in the terms of every KL below
+        zf_max = vals_f[:, 0]  # agreement is tie-aware: the layer's top-1 is a final argmax
+
+        def write(idx, st, vals, ids, zt):
+            m = len(idx)
+            rs = torch.tensor(idx, device=dev)
             shape = (m, n)
+            log_norm = st.log_norm.reshape(-1)
+            kl = negh_f - (st.cross.reshape(shape) - st.log_norm.reshape(shape) * sum_pf)
             out["ids"][rs, sl] = ids.reshape(*shape, top_k)
-            out["probs"][rs, sl] = vals.exp().reshape(*shape, top_k)
-            out["lp"][rs, sl] = torch.where(has_t, lpt.reshape(shape), float("nan"))
-            out["rank"][rs, sl] = torch.where(has_t, rank.reshape(shape), -1)
-            out["ent"][rs, sl] = ent.reshape(shape).float()
-            out["kl"][rs, sl] = kl.reshape(shape).float()
-            out["agree"][rs, sl] = pf.gather(1, ids[:, 0].reshape(shape).T).T == pmax_f
-        del lpf
+            out["probs"][rs, sl] = (vals.double() - log_norm[:, None]).exp().reshape(*shape, top_k).float()
+            out["lp"][rs, sl] = torch.where(has_t, (zt.double() - log_norm).reshape(shape), float("nan")).float()
+            out["rank"][rs, sl] = torch.where(has_t, st.above.reshape(shape), -1)
+            out["ent"][rs, sl] = st.entropy.reshape(shape).float()
+            out["kl"][rs, sl] = kl.clamp(min=0).float()
+            out["agree"][rs, sl] = zf.gather(1, ids[:, 0].reshape(shape).T).T == zf_max
+
+        for i in finals:  # the final readout (never translated), read above
+            write([i], st_f, vals_f, ids_f, zt_f)
+        for g0 in range(0, len(others), G):
+            idx = others[g0 : g0 + G]
+            m = len(idx)
+            xs = []
+            for i in idx:
+                h = resid[points[i].hook][sl]
+                if translator is not None:
+                    h = translator(h, points[i])
+                xs.append(h)
+            u = parts.normed(torch.cat(xs))  # [m * n, d_model], readout-major
+            t = tgt_c.repeat(m)
+            zt = _target_logits(parts, u, t)
+            acc = VocabAccumulator(top_k, fused=fused, scratch=bufs)
+            for j0 in range(0, V, vb):
+                j1 = min(V, j0 + vb)
+                z = parts.block(u, j0, j1, out=bufs.get("z", (m * n, j1 - j0), u.dtype, dev))
+                acc.update(z, j0, zt, pf[:, j0:j1], m)
+                hit = ((t >= j0) & (t < j1)).nonzero()[:, 0]
+                if len(hit):
+                    # The target's logit as this block's GEMM rounded it: the rank counted
+                    # against the up-front dot product must not count the target itself.
+                    exact = z[hit, t[hit] - j0]
+                    acc.above[hit] -= (exact > zt[hit]).long()
+                    zt[hit] = exact
+            st, vals, ids = acc.result()
+            write(idx, st, vals, ids, zt)
+        del zf, pf
     return out
+
+
+def _target_logits(parts, u: Tensor, t: Tensor) -> Tensor:
+    """Logits of entries ``t`` ``[rows]`` of normed rows ``u`` ``[rows, d_model]``."""
+    z = (u * parts.W_U[:, t].T).sum(-1, dtype=torch.float32 if u.dtype != torch.float64 else None)
+    if parts.b_U is not None:
+        z += parts.b_U[t]
+    z = parts._adapter.output_transform(z[:, None])[:, 0] if parts._adapter.output_scale != 1.0 else z
+    return z.float() if z.dtype not in (torch.float32, torch.float64) else z
+
+
+def _want_fused(fused: Optional[bool], adapter: ModelAdapter) -> bool:
+    """``fused=None``: the compiled kernel on CUDA, where it compiles; eager on CPU, where the
+    logit blocks already stay in cache and the kernel saves ~3 % of a call, less than its
+    compilation costs in most processes."""
+    if fused is None:
+        return adapter.device.type == "cuda" and fused_available(adapter.device)
+    return fused and fused_available(adapter.device, require=True)
 
 
 class _Buffers:
@@ -506,7 +569,7 @@ class _Buffers:
         self._bufs: dict[str, Tensor] = {}
 
     def get(self, name: str, shape, dtype, device) -> Tensor:
-        numel = shape[0] * shape[1]
+        numel = math.prod(shape)
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < numel:
             buf = self._bufs[name] = torch.empty(numel, dtype=dtype, device=device)
@@ -640,6 +703,7 @@ def logit_lens(
     readouts: Optional[Sequence[Union[int, str]]] = None,
     translator: Optional[Translator] = None,
     chunk_size: Optional[int] = None,
+    fused: Optional[bool] = None,
     batch_size: int = 8,
     attention_mask: Optional[Tensor] = None,
     prepend_bos: Optional[bool] = None,
@@ -663,16 +727,25 @@ def logit_lens(
             while ``layers`` counts blocks everywhere else in embedwalk and TransformerLens.
         translator: ``f(h, readout_point) -> h`` applied before the readout, e.g. a
             :class:`~embedwalk.lenses.TunedLens`; never applied to the final readout.
-        chunk_size: (readout, position) rows read out at once; bounds the peak extra memory
-            at about ``chunk_size * d_vocab * 4`` bytes times a few temporaries. Default:
-            :func:`default_chunk_size` of the model's device.
+        chunk_size: (readout, position) rows per unembedding GEMM (default
+            :func:`default_chunk_size`). The logits are formed one vocabulary block at a time
+            (:func:`vocab_block` entries), so the peak extra memory is about
+            ``chunk_size * vocab_block * 4`` bytes times three scratch buffers, plus the final
+            distribution of :func:`final_rows` positions (``2 * final_rows * d_vocab * 4``
+            bytes): ~75 MB for SmolLM2 on CPU.
+        fused: reduce each logit block (log-normaliser, entropy, rank, KL terms) in one
+            kernel compiled by ``torch.compile`` instead of eager passes; the same numbers to
+            float32 rounding. None (default): on CUDA where it compiles, eager on CPU (there
+            it saves ~3 % of a call and compiling costs ~3 s per process, ~18 s the first time
+            on a machine). True: always; raises :class:`EmbedwalkError` where it cannot
+            compile. False: never.
     """
     refuse_layers("logit_lens", layers)
     adapter = adapt(model)
     table = _target_table(adapter, inputs, attention_mask, targets, prepend_bos, padding_side)
     reader = LogitLensReader(
         positions=positions, target_table=table, top_k=top_k, mid=mid, readouts=readouts,
-        translator=translator, chunk_size=chunk_size,
+        translator=translator, chunk_size=chunk_size, fused=fused,
     )
     (result,) = run(
         model, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size,
