@@ -28,11 +28,14 @@ import torch
 
 HERE = Path(__file__).parent
 
+# the naive materialised lens (~10 GB of logits) is left to the full run
+QUICK_LENS = "forward,gemm,embedwalk,embedwalk_fused,tl_logit_lens"
+
 # capability -> (script, arguments under --quick, arguments under --tiny, takes --device)
 PLAN = {
-    "logit lens (SmolLM2)": ("bench_logit_lens.py", ["--model", "smollm2", "--runs", "2"], None, True),
+    "logit lens (SmolLM2)": ("bench_logit_lens.py", ["--model", "smollm2", "--runs", "2", "--methods", QUICK_LENS], None, True),
     "logit lens (GPT-2-small shape)": (
-        "bench_logit_lens.py", ["--model", "gpt2-small-shape", "--runs", "2"],
+        "bench_logit_lens.py", ["--model", "gpt2-small-shape", "--runs", "2", "--methods", QUICK_LENS],
         ["--model", "tiny", "--runs", "1", "--batch", "1", "--seq", "8", "--methods", "forward,gemm,embedwalk"],
         True,
     ),

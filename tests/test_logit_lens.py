@@ -235,3 +235,34 @@ def test_a_readout_that_is_not_blockwise_is_refused(tiny, monkeypatch):
     monkeypatch.setattr(a, "_output_scale", None, raising=False)
     with pytest.raises(ew.ArchitectureError, match="vocabulary block at a time"):
         logit_lens(tiny, TEXTS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_models_against_float64_of_their_own_logits(dtype, monkeypatch):
+    """A 16-bit readout is read in the model's dtype, a vocabulary block at a time; every metric
+    is the float64 arithmetic of the model's own 16-bit logits, and the rank, counted against a
+    target logit rounded as the GEMM rounds it, is exact wherever the target is not tied."""
+    from conftest import GENERATION
+    from embedwalk.testing import tiny_model
+
+    monkeypatch.setattr(logit_module, "vocab_block", lambda device: 37)
+    model = tiny_model("llama", GENERATION, dtype=dtype)
+    a = ew.adapt(model)
+    res = logit_lens(model, TEXTS[0], top_k=3)
+    toks = a.to_tokens(TEXTS[0])[None]
+    points = a.readout_points()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(toks, names_filter=[p.hook for p in points])
+        z = torch.stack([a.readout(cache[p.hook][0]).double() for p in points])  # [R, T, V]
+    lp = z.log_softmax(-1)
+    T = toks.shape[1]
+    tgt = toks[0, 1:]
+    ref_lp = lp[:, torch.arange(T - 1), tgt]
+    tol = 0.05 if dtype == torch.bfloat16 else 0.01  # one 16-bit rounding of a logit, not more
+    assert torch.allclose(res.target_logprob[:, :-1].double(), ref_lp, atol=tol)
+    assert torch.allclose(res.target_logprob[-1, :-1].double(), ref_lp[-1], atol=1e-5)  # the model's own
+    assert torch.allclose(res.entropy.double(), -(lp.exp() * lp).sum(-1), atol=tol)
+    zt = z[:, torch.arange(T - 1), tgt]
+    ref_rank = (z[:, : T - 1] > zt[..., None]).sum(-1)
+    untied = (z[:, : T - 1] == zt[..., None]).sum(-1) == 1
+    assert torch.equal(res.target_rank[:, :-1][untied], ref_rank[untied])

@@ -544,10 +544,13 @@ def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator
 
 
 def _target_logits(parts, u: Tensor, t: Tensor) -> Tensor:
-    """Logits of entries ``t`` ``[rows]`` of normed rows ``u`` ``[rows, d_model]``."""
-    z = (u * parts.W_U[:, t].T).sum(-1, dtype=torch.float32 if u.dtype != torch.float64 else None)
+    """Logits of entries ``t`` ``[rows]`` of normed rows ``u`` ``[rows, d_model]``, rounded to
+    the model's dtype as its GEMM rounds them (a bfloat16 logit is coarse: counting the rank
+    against an unrounded value would misplace every entry within one bfloat16 step)."""
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    z = (u.to(acc) * parts.W_U[:, t].T.to(acc)).sum(-1).to(u.dtype)
     if parts.b_U is not None:
-        z += parts.b_U[t]
+        z = z + parts.b_U[t]
     z = parts._adapter.output_transform(z[:, None])[:, 0] if parts._adapter.output_scale != 1.0 else z
     return z.float() if z.dtype not in (torch.float32, torch.float64) else z
 
@@ -562,8 +565,9 @@ def _want_fused(fused: Optional[bool], adapter: ModelAdapter) -> bool:
 
 
 class _Buffers:
-    """[rows, vocab] scratch tensors reused across chunks: a fresh large CPU allocation is
-    zero-filled page by page by the OS, which costs about as much as a pass over it."""
+    """Scratch tensors for the logit blocks, reused across blocks and chunks: a fresh large CPU
+    allocation is zero-filled page by page by the OS, which costs about as much as a pass over
+    it."""
 
     def __init__(self):
         self._bufs: dict[str, Tensor] = {}
