@@ -194,7 +194,7 @@ def fused_available(device, *, require: bool = False) -> bool:
             _UNAVAILABLE[kind] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     if kind in _UNAVAILABLE and require:
         raise EmbedwalkError(
-            f"fused=True, but the fused reduction kernel does not compile on {kind} here "
+            f"fused=True, but the fused reduction kernel is not available on {kind} here "
             f"({_UNAVAILABLE[kind]}); pass fused=False (same numbers, eager passes) or fused=None"
         )
     return kind not in _UNAVAILABLE

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from embedwalk.adapter import ModelAdapter, adapt
+from embedwalk.adapter import ModelAdapter, adapt, eval_mode
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Batch, Inputs, batches
 from embedwalk.mixing import Bypass
@@ -336,12 +336,8 @@ def run(
         r.start(adapter)
     # eval() on the bridge walks ~10k modules and costs ~40 ms (as much again to switch back),
     # which a sweep of hundreds of short runs would pay: switch only when something trains.
-    was_training = adapter.model.training
-    switch = any(m.training for m in _all_modules(adapter.model))
     ctx_ref: list = [None]
-    try:
-        if switch:
-            adapter.model.eval()
+    with eval_mode(adapter.model):
         stream = batches(
             adapter,
             inputs,
@@ -376,14 +372,5 @@ def run(
                 del logits
                 for r in readers:
                     r.end_batch(ctx)
-    finally:
-        if switch:
-            adapter.model.train(was_training)
     return [r.result() for r in readers]
 
-
-def _all_modules(model: torch.nn.Module):
-    yield from model.modules()
-    original = model.__dict__.get("original_model")  # the bridge's HF model sits outside its module tree
-    if isinstance(original, torch.nn.Module):
-        yield from original.modules()

@@ -266,3 +266,18 @@ def test_sixteen_bit_models_against_float64_of_their_own_logits(dtype, monkeypat
     ref_rank = (z[:, : T - 1] > zt[..., None]).sum(-1)
     untied = (z[:, : T - 1] == zt[..., None]).sum(-1) == 1
     assert torch.equal(res.target_rank[:, :-1][untied], ref_rank[untied])
+
+
+def test_duplicate_readouts_and_non_finite_logits_are_refused():
+    from conftest import GENERATION
+    from embedwalk.testing import tiny_model
+
+    model = tiny_model("llama", GENERATION)  # untied: a NaN embedding row leaves W_U finite
+    a = ew.adapt(model)
+    with pytest.raises(EmbedwalkError, match="readout '0' is selected twice"):
+        logit_lens(model, TEXTS[0], readouts=[1, "0", "embed"])
+    ids = a.to_tokens("w7")
+    with torch.no_grad():
+        model.W_E[ids[-1]] = float("nan")  # the model's own forward now yields NaN at that token
+    with pytest.raises(EmbedwalkError, match="not finite"):
+        logit_lens(model, TEXTS[0])

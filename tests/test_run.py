@@ -86,6 +86,34 @@ def test_hooks_removed_and_mode_restored_when_reader_raises(tiny):
         tiny.eval()
 
 
+def test_training_flags_restored_module_by_module():
+    """A lone submodule in training mode is switched off for the run (dropout would change
+    every number) and back on after it; eval modules stay eval."""
+    from conftest import GENERATION
+    from embedwalk.testing import tiny_model
+
+    model = tiny_model("llama", GENERATION)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    lone = leaves[3]
+    lone.train()
+    seen = []
+
+    class Watch(ew.Reader):
+        def hook_points(self, adapter):
+            return [adapter.final_resid_hook]
+
+        def read(self, name, value, ctx):
+            seen.append(lone.training or model.training)
+
+        def result(self):
+            return None
+
+    ew.run(model, TEXTS, readers=[Watch()])
+    assert seen and not any(seen)
+    assert lone.training and not model.training
+    assert [m for m in model.modules() if m.training] == [lone]
+
+
 def test_token_inputs_with_mask_and_bad_inputs(tiny):
     a = ew.adapt(tiny)
     tokens = torch.tensor([[5, 6, 7, 8], [9, 10, 1, 1]])

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from embedwalk.adapter import ModelAdapter, adapt
+from embedwalk.adapter import ModelAdapter, adapt, eval_mode
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import batches as make_batches
 from embedwalk.run import Context, Reader, attached, forward
@@ -107,14 +107,9 @@ def plan_hooks(model, hooks: Optional[Sequence[str]] = None, layers: Optional[Se
     requested = [(spec, _spec_to_name(adapter, spec)) for spec in hooks]
     real = list(dict.fromkeys(n for _, n in requested if n != FINAL_NORMED))
     probe = _Probe(real)
-    with torch.no_grad(), attached(adapter, [probe], [], [None]):
-        was = adapter.model.training
-        adapter.model.eval()
-        try:
-            batch = next(make_batches(adapter, torch.full((1, 2), adapter.pad_token_id), progress=False))
-            forward(adapter, batch.to(adapter.device))
-        finally:
-            adapter.model.train(was)
+    with torch.no_grad(), attached(adapter, [probe], [], [None]), eval_mode(adapter.model):
+        batch = next(make_batches(adapter, torch.full((1, 2), adapter.pad_token_id), progress=False))
+        forward(adapter, batch.to(adapter.device))
     groups: dict = {}
     for name in real:
         v = probe.values.get(name)
@@ -495,14 +490,12 @@ def cache_activations(
         bar = tqdm(total=None if total is None else -(-(total - rank) // world_size), initial=manifest["prompts"], unit="prompt", desc="embedwalk cache")
     for r in parties:
         r.start(adapter)
-    was_training = adapter.model.training
     ctx_ref: list = [None]
     writer.start()
     ok = False
     n_tokens, t0 = 0, time.perf_counter()
     try:
-        adapter.model.eval()
-        with torch.no_grad(), attached(adapter, parties, [], ctx_ref) as fired:
+        with eval_mode(adapter.model), torch.no_grad(), attached(adapter, parties, [], ctx_ref) as fired:
             first = True
             while True:
                 chunk = [next(items, None) for _ in range(batch_size)]
@@ -543,7 +536,6 @@ def cache_activations(
                 "positions are never selected) and delete that directory before rerunning"
             )
     finally:
-        adapter.model.train(was_training)
         if not ok:
             writer.close(flush=False)
         if bar is not None:
