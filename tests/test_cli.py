@@ -40,6 +40,10 @@ def test_lens_logit(model, tmp_path):
     want = ew.logit_lens(model, TEXTS, positions="last").to_dataframe()
     assert list(got.top1_token) == list(want.top1_token)
     assert np.allclose(got.kl_to_final, want.kl_to_final, atol=1e-6)
+    assert main(["lens", "logit", *MODEL, *TEXTS, "--fused", "off", "--chunk-size", "3", "--csv", str(tmp_path / "o.csv")]) == 0
+    off = pd.read_csv(tmp_path / "o.csv", keep_default_na=False)
+    full = ew.logit_lens(model, TEXTS).to_dataframe()
+    assert np.allclose(off.entropy, full.entropy, atol=1e-6)
 
 
 def test_priority_heads(model, tmp_path):

@@ -50,7 +50,8 @@ def _logit(args) -> int:
         targets = first.top_ids[-1, :, 0].tolist()
         print("target: the model's own top-1 prediction at the last position (--target to choose another)")
     res = logit_lens(model, args.text, positions=positions, targets=targets, top_k=args.top_k,
-                     mid=args.mid, readouts=readouts, translator=translator, chunk_size=args.chunk_size)
+                     mid=args.mid, readouts=readouts, translator=translator, chunk_size=args.chunk_size,
+                     fused={"auto": None, "on": True, "off": False}[args.fused])
     df = res.to_dataframe()
     if args.csv:
         df.to_csv(args.csv, index=False)
@@ -111,7 +112,9 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=5, help="top tokens kept per (readout, position) (default 5)")
     p.add_argument("--mid", action="store_true", help="also read each block's midpoint (after attention)")
     p.add_argument("--tuned", default=None, help="folder of a tuned lens to use as translator")
-    p.add_argument("--chunk-size", type=int, default=None, help="(readout, position) rows read out at once")
+    p.add_argument("--chunk-size", type=int, default=None, help="(readout, position) rows per unembedding GEMM (default 1024)")
+    p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                   help="reduce the logits with one torch.compile kernel: auto = on CUDA only (default)")
     p.add_argument("--readouts", default=None, help="comma-separated readout indices (0 = embedding, l+1 = output of block l) or labels to read (default: all)")
     p.add_argument("--csv", default=None, help="write the full data frame here")
     p.add_argument("--plot", default=None, help="save the heatmap of prompt 0 here (png/pdf)")
