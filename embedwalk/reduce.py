@@ -97,9 +97,14 @@ def block_sums(z, z_max, z_target, q, *, fused=False, scratch=None):
 
 class VocabAccumulator:
     """:class:`VocabStats` of ``rows`` logit rows seen a vocabulary block at a time
-    (``update``), merged online in float64 (the running maximum rescales the running sums, as
-    in a streaming softmax), plus the running top-k. ``result()`` gives the statistics and
-    ``(top values, top ids)``."""
+    (``update``), plus the running top-k; ``result()`` gives the statistics and
+    ``(top values [rows, k], top ids [rows, k])``.
+
+    The blocks are merged online in float64: with running maximum M, S = sum exp(z - M) and
+    EZ = sum exp(z - M)(z - M), a block with maximum m rescales them to M' = max(M, m) by
+    ``S' = e^(M-M') S + e^(m-M') s`` and ``EZ' = e^(M-M') (EZ + (M-M') S) + e^(m-M') (ez + (m-M') s)``
+    (the online softmax normaliser of Milakov & Gimelshein, 2018, extended to the entropy's
+    term); then log Z = M + log S and H = log S - EZ / S, in nats."""
 
     def __init__(self, top_k: int, *, fused: bool = False, scratch=None):
         self.top_k, self.fused, self.scratch = top_k, fused, scratch or _Fresh()
