@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from embedwalk.errors import ArchitectureError, EmbedwalkError
@@ -914,12 +914,22 @@ class ReadoutParts:
         float32 (float64 for a float64 model)."""
         W = self.W_U[:, j0:j1]
         z = torch.mm(u, W, out=out) if out is not None and u.dtype == out.dtype else torch.mm(u, W)
+        return self._finish(z, slice(j0, j1))
+
+    def entries(self, u: Float[Tensor, "rows d_model"], t: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:
+        """The logit of entry ``t[i]`` of each normed row ``u[i]``, rounded to the model's dtype
+        as its GEMM rounds it (a bfloat16 logit is coarse: a rank counted against an unrounded
+        value would misplace every entry within one bfloat16 step)."""
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        z = (u.to(acc) * self.W_U[:, t].T.to(acc)).sum(-1).to(u.dtype)
+        return self._finish(z[:, None], t[:, None])[:, 0]
+
+    def _finish(self, z: Tensor, cols) -> Tensor:
+        """Bias, output transform and float32 (float64) cast of logits ``z`` of entries ``cols``."""
         if self.b_U is not None:
-            z += self.b_U[j0:j1]
+            z += self.b_U[cols]  # in place: z is the GEMM's own output buffer
         z = self._adapter.output_transform(z) if self._adapter.output_scale != 1.0 else z
-        if z.dtype not in (torch.float32, torch.float64):
-            z = z.float()
-        return z
+        return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
 @contextmanager

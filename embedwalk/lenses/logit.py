@@ -526,7 +526,7 @@ def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator
                 xs.append(h)
             u = parts.normed(torch.cat(xs))  # [m * n, d_model], readout-major
             t = tgt_c.repeat(m)
-            zt = _target_logits(parts, u, t)
+            zt = parts.entries(u, t)
             acc = VocabAccumulator(top_k, fused=fused, scratch=bufs)
             for j0 in range(0, V, vb):
                 j1 = min(V, j0 + vb)
@@ -557,18 +557,6 @@ def _require_finite(st, point: ReadoutPoint, p0: int, rows: slice = slice(None))
             "the model's own forward produced them there (check the model's dtype, e.g. float16 "
             "overflow, and its attention mask), so no lens metric is defined"
         )
-
-
-def _target_logits(parts, u: Tensor, t: Tensor) -> Tensor:
-    """Logits of entries ``t`` ``[rows]`` of normed rows ``u`` ``[rows, d_model]``, rounded to
-    the model's dtype as its GEMM rounds them (a bfloat16 logit is coarse: counting the rank
-    against an unrounded value would misplace every entry within one bfloat16 step)."""
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    z = (u.to(acc) * parts.W_U[:, t].T.to(acc)).sum(-1).to(u.dtype)
-    if parts.b_U is not None:
-        z = z + parts.b_U[t]
-    z = parts._adapter.output_transform(z[:, None])[:, 0] if parts._adapter.output_scale != 1.0 else z
-    return z.float() if z.dtype not in (torch.float32, torch.float64) else z
 
 
 def _want_fused(fused: Optional[bool], adapter: ModelAdapter) -> bool:
