@@ -5,11 +5,13 @@ import torch
 
 import embedwalk as ew
 from embedwalk.errors import EmbedwalkError
+from tolerance import logprob_tol
 
 
 def _own_logprobs(model, tokens):
+    """The exact log-probs of the model's own logits (a float64 log-softmax)."""
     with torch.no_grad():
-        return model(tokens).float().log_softmax(-1)
+        return model(tokens).double().log_softmax(-1)
 
 
 def _final_resid(model, adapter, tokens):
@@ -21,9 +23,11 @@ def _final_resid(model, adapter, tokens):
 def test_readout_reproduces_model_logprobs(tiny):
     a = ew.adapt(tiny)
     tokens = torch.randint(2, a.d_vocab, (2, 9))
+    resid = _final_resid(tiny, a, tokens)
     with torch.no_grad():
-        mine = a.readout(_final_resid(tiny, a, tokens)).float().log_softmax(-1)
-    assert (mine - _own_logprobs(tiny, tokens)).abs().max() <= 1e-5
+        mine = a.readout(resid).double().log_softmax(-1)
+    own = _own_logprobs(tiny, tokens)
+    assert (mine - own).abs().max() <= logprob_tol(a, resid, own)
 
 
 def test_final_norm_recomputes_statistics(tiny):
@@ -70,13 +74,39 @@ def test_smollm2_readout_and_paris(smollm2):
     a = ew.adapt(smollm2)
     assert (a.n_layers, a.d_model, a.n_heads, a.n_kv_heads, a.d_vocab) == (30, 576, 9, 3, 49152)
     tokens = a.to_tokens("The capital of France is")[None]
+    resid = _final_resid(smollm2, a, tokens)
     with torch.no_grad():
-        mine = a.readout(_final_resid(smollm2, a, tokens)).float().log_softmax(-1)
-    assert (mine - _own_logprobs(smollm2, tokens)).abs().max() <= 1e-5
+        mine = a.readout(resid).double().log_softmax(-1)
+    own = _own_logprobs(smollm2, tokens)
+    assert (mine - own).abs().max() <= logprob_tol(a, resid, own)
     with torch.no_grad():
         nxt = smollm2(tokens)[0, -1].argmax().item()
     assert a.to_str_tokens([nxt])[0] == " Paris"
 
+
+def test_tolerance_still_catches_a_wrong_readout(smollm2):
+    """The rounding-derived tolerance (tests/tolerance.py) is far below what a wrong readout
+    gives: the final norm applied with the final layer's cached scale instead of statistics
+    recomputed for the vector read (TransformerLens's ``accumulated_resid(apply_ln=True)`` bug),
+    and a readout one block off."""
+    a = ew.adapt(smollm2)
+    tokens = a.to_tokens("The capital of France is")[None]
+    with torch.no_grad():
+        logits, cache = smollm2.run_with_cache(tokens)
+        final = cache[a.final_resid_hook]
+
+        def rms(x):
+            return x.double().pow(2).mean(-1, keepdim=True).sqrt()
+
+        for layer in (0, a.n_layers // 2, a.n_layers - 2):
+            x = cache[a.hook("resid_post", layer)]
+            right = a.readout(x).double().log_softmax(-1)
+            # RMSNorm is scale-invariant, so the cached-scale variant is norm(x) * rms(x) / rms(final)
+            cached = ((a.final_norm(x).double() * (rms(x) / rms(final))) @ a.W_U.double()).log_softmax(-1)
+            assert (cached - right).abs().max() > 100 * logprob_tol(a, x, right), layer
+        own = logits.double().log_softmax(-1)
+        off = a.readout(cache[a.hook("resid_pre", a.n_layers - 1)]).double().log_softmax(-1)
+        assert (off - own).abs().max() > 100 * logprob_tol(a, final, own)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sixteen_bit_models_read_in_their_dtype(dtype):
@@ -93,4 +123,5 @@ def test_sixteen_bit_models_read_in_their_dtype(dtype):
         mine = a.readout(resid)
         own = model(tokens)
     assert mine.dtype == dtype
-    assert (mine.float().log_softmax(-1) - own.float().log_softmax(-1)).abs().max() <= 1e-5
+    own_lp = own.double().log_softmax(-1)
+    assert (mine.double().log_softmax(-1) - own_lp).abs().max() <= logprob_tol(a, resid, own_lp)
