@@ -50,28 +50,40 @@ def dot_tol(scale, n: int, dtype: torch.dtype = torch.float32, computations: int
     return computations * LAM * math.sqrt(n) * unit_roundoff(dtype) * scale
 
 
+def logit_scale(adapter, resid: torch.Tensor) -> float:
+    """``max_j S_j``, ``S_j = sum_i |norm(x)_i W_U[i, j]| + |b_j|``, times the output transform's
+    largest slope: what the logits' rounding (and their response to a relative change of the
+    normed residual) is proportional to. ``resid``: ``[..., d_model]``."""
+    with torch.no_grad():
+        normed = adapter.final_norm(resid.reshape(-1, resid.shape[-1])).double().abs()
+        scale = normed @ adapter.W_U.double().abs()
+        if adapter.b_U is not None:
+            scale = scale + adapter.b_U.double().abs()
+    return max(1.0, abs(adapter.output_scale or 1.0)) * float(scale.max())
+
+
 def logit_tol(adapter, resid: torch.Tensor) -> float:
     """Largest ``|a - b|`` over the logits of ``adapter.readout(resid)`` between two correct
     computations (see the module docstring). ``resid``: ``[..., d_model]``."""
-    with torch.no_grad():
-        normed = adapter.final_norm(resid.reshape(-1, resid.shape[-1])).double().abs()
-        W = adapter.W_U.double().abs()
-        scale = normed @ W
-        if adapter.b_U is not None:
-            scale = scale + adapter.b_U.double().abs()
-    factor = max(1.0, abs(adapter.output_scale or 1.0))
     # The norm's statistic and the GEMM each contribute sqrt(d_model) u of S.
-    return factor * 2 * float(dot_tol(scale.max(), adapter.d_model, adapter.dtype))
+    return 2 * float(dot_tol(logit_scale(adapter, resid), adapter.d_model, adapter.dtype))
 
 
-def logprob_tol(adapter, resid: torch.Tensor, logprobs: torch.Tensor | None = None) -> float:
+def logprob_tol(adapter, resid: torch.Tensor, logprobs: torch.Tensor | None = None, *, resid_rel: float = 0.0) -> float:
     """Largest ``|a - b|`` over the log-probs of the readout of ``resid`` between two correct
     computations: twice the logit tolerance (the entry and the log-normaliser), the rounding of
-    the normaliser's sum over ``d_vocab`` terms, and one rounding of ``|log p|``."""
+    the normaliser's sum over ``d_vocab`` terms, and one rounding of ``|log p|``.
+
+    ``resid_rel``: when the two computations also read residuals that differ by up to
+    ``resid_rel`` times the residual's largest entry (two forward passes, see
+    :func:`resid_tol`), the normed residual moves by up to twice that relative amount (its
+    statistic moves too) and each logit by that times ``S`` (:func:`logit_scale`), the entry
+    and the log-normaliser alike."""
     u = unit_roundoff(adapter.dtype)
     big = 0.0 if logprobs is None else float(logprobs.detach().abs().max())
     vocab = 2 * LAM * math.sqrt(adapter.d_vocab) * u
-    return 2 * logit_tol(adapter, resid) + vocab + 2 * LAM * u * big
+    moved = 2 * 2 * resid_rel * logit_scale(adapter, resid) if resid_rel else 0.0
+    return 2 * logit_tol(adapter, resid) + vocab + 2 * LAM * u * big + moved
 
 
 def relative_tol(n: int, dtype: torch.dtype = torch.float32, depth: int = 1) -> float:
@@ -97,6 +109,13 @@ def kl_tol(tol_lp: float, final_logprobs: torch.Tensor, logprobs: torch.Tensor) 
     return tol_lp * (2 + (f.exp() * (f - q).abs()).sum(-1))
 
 
+def resid_rel(adapter) -> float:
+    """:func:`resid_tol` relative to the residual's largest entry."""
+    cfg = adapter.cfg
+    n = max(adapter.d_model, int(getattr(cfg, "d_mlp", None) or 4 * adapter.d_model))
+    return (2 * adapter.n_layers + 1) * float(dot_tol(1.0, n, adapter.dtype))
+
+
 def resid_tol(adapter, x: torch.Tensor) -> float:
     """Largest ``|a - b|`` over residual vectors ``x`` computed by two forward passes that round
     differently (another batch shape, padding, row blocking): each of the ``2 n_layers + 1``
@@ -104,7 +123,4 @@ def resid_tol(adapter, x: torch.Tensor) -> float:
     ``n = max(d_model, d_mlp)`` terms, bounded relative to the residual's largest entry (the
     terms of a residual sum are no larger than the residual in these models; a model whose
     sublayers cancel far larger terms would need its own bound)."""
-    cfg = adapter.cfg
-    n = max(adapter.d_model, int(getattr(cfg, "d_mlp", None) or 4 * adapter.d_model))
-    depth = 2 * adapter.n_layers + 1
-    return depth * float(dot_tol(1.0, n, adapter.dtype)) * float(x.detach().abs().max())
+    return resid_rel(adapter) * float(x.detach().abs().max())
