@@ -21,7 +21,30 @@ import torch
 
 from embedwalk.testing import FAMILIES, matrix_case, matrix_modes
 
-TOL = 1e-4  # log-probs; residual gaps are relative to the residual's size
+
+@functools.lru_cache(maxsize=None)
+def tolerance(family: str, mode: str) -> float:
+    """What a correct cell may differ from the HF model by (tests/tolerance.py): embedwalk on
+    TransformerLens and the pristine HF model are two float computations of the same forward.
+    Residual gaps are relative to the residual's size (:func:`tolerance.resid_rel`); log-prob
+    gaps get the readout's rounding of the HF model's own states, with those states moved by
+    that relative amount (:func:`tolerance.logprob_tol`). A cell returns the larger kind of gap,
+    so it is held to the larger of the two."""
+    from embedwalk import adapt
+    from tolerance import logprob_tol, resid_rel
+
+    c = case(family, mode)
+    a = adapt(c.model)
+    rel_tol = resid_rel(a)
+    lp_tol = 0.0
+    for p in range(len(PROMPTS)):
+        states, lp, _, mids = hf_run(c.family, p)
+        points = list(states) + (list(mids) if mids is not None else [])
+        for x in points:
+            x = x.to(a.dtype)
+            lp_tol = max(lp_tol, logprob_tol(a, x, hf_readout(c.hf, x), resid_rel=rel_tol))
+    return max(rel_tol, lp_tol)
+
 
 CASES = [(f, m) for f in FAMILIES for m in matrix_modes(f)]
 
@@ -340,5 +363,6 @@ def run_cell(family: str, mode: str, capability: str, tmp: str):
         assert adapt(c.model).architecture in msg, f"refusal does not name the architecture: {msg}"
         return "refused", msg
     assert reason is None, f"{family}/{mode}/{capability} should be refused ({reason}) but returned gap {gap:.3g}"
-    assert gap <= TOL, f"{family}/{mode}/{capability}: embedwalk differs from the HF model by {gap:.3g} (tolerance {TOL:g})"
+    tol = tolerance(family, mode)
+    assert gap <= tol, f"{family}/{mode}/{capability}: embedwalk differs from the HF model by {gap:.3g} (tolerance {tol:.3g})"
     return "exact", gap
