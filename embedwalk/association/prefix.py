@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from embedwalk.adapter import ModelAdapter
+from embedwalk.casting import cast_finite
 from embedwalk.mixing import Bypass, _hook_points, mixing_forward
 from embedwalk.run import Writer
 
@@ -54,7 +55,10 @@ def skip_forwards(adapter: ModelAdapter, layer: int) -> list[Bypass]:
 class Resume(Writer):
     """Resume the forward at block ``layer`` from ``resid`` ``[batch, pos, d_model]``, the
     residual entering that block in an earlier pass over the same tokens; blocks before it run
-    as :func:`skip_forwards` bypasses (where no other reader or writer watches them)."""
+    as :func:`skip_forwards` bypasses (where no other reader or writer watches them).
+
+    ``resid`` is cast to the model's dtype; a wider residual with a value a 16-bit model cannot
+    hold raises :class:`EmbedwalkError` naming row, position, dimension and value."""
 
     def __init__(self, layer: int, resid: Tensor):
         self.layer, self.resid = layer, resid
@@ -67,4 +71,10 @@ class Resume(Writer):
         return [adapter.hook("resid_pre", self.layer)] if self.layer > 0 else []
 
     def write(self, name, value, ctx):
-        return self.resid.to(device=value.device, dtype=value.dtype)
+        # The residual of an earlier pass of this model is already its dtype (no check, no cost);
+        # a wider one given from elsewhere must fit the model's 16-bit dtype.
+        return cast_finite(
+            self.resid.to(value.device), value.dtype, what=f"cannot resume at layer {self.layer} from this residual",
+            locate=lambda idx: f"row {idx[0]}, position {idx[1]}, dimension {idx[2]}",
+            fix="Pass the residual the model itself computed (its own dtype), or load the model in float32 or bfloat16",
+        )

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from embedwalk._summary import summary_repr
 from embedwalk.adapter import adapt
+from embedwalk.casting import cast_finite
 from embedwalk.errors import EmbedwalkError
 from embedwalk.lenses.logit import refuse_layers
 from embedwalk.run import Context, Writer, run
@@ -488,7 +489,9 @@ class EmbedWriter(Writer):
     ``blocks.0.hook_resid_pre`` is what Hugging Face's ``inputs_embeds`` does: a learned
     position vector (GPT-2) is still added for that slot, and rotary models (Llama) rotate
     queries and keys by position inside attention, so the inserted vector sits at its
-    position exactly as a token embedding would.
+    position exactly as a token embedding would. Vectors are cast to the model's dtype; one a
+    16-bit model cannot hold (beyond float16's 65504) raises :class:`EmbedwalkError` naming the
+    prompt, position, dimension and value (:func:`embedwalk.casting.cast_finite`).
     """
 
     def __init__(self, inserts: Sequence[Optional[tuple[Tensor, Tensor]]]):
@@ -505,7 +508,11 @@ class EmbedWriter(Writer):
             if ins is None:
                 continue
             pos, vec = ins
-            out[r, first[r] + pos.to(value.device)] = vec.to(device=value.device, dtype=value.dtype)
+            out[r, first[r] + pos.to(value.device)] = cast_finite(
+                vec.to(value.device), value.dtype, what=f"cannot insert the vectors for prompt {i}",
+                locate=lambda idx, pos=pos: f"position {int(pos[idx[0]])}, dimension {idx[1]}",
+                fix="The model's embeddings are this 16-bit dtype; load the model in float32 or bfloat16, or scale the vector",
+            )
         return out
 
 
@@ -532,6 +539,7 @@ def continuation_logprobs(
 
     ``inserts`` (optional, per row) replaces the token embeddings at the given prefix
     positions with vectors (see :class:`EmbedWriter`); the prefix holds placeholder ids there.
+    A vector beyond a 16-bit model's range raises :class:`EmbedwalkError` (see there).
     """
     a = adapt(model)
     if len(prefixes) != len(continuations):

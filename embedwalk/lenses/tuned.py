@@ -33,6 +33,7 @@ from torch import Tensor
 
 from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
 from embedwalk.basis import RAW, describe, residual_basis
+from embedwalk.casting import cast_finite
 from embedwalk.errors import EmbedwalkError
 from embedwalk.run import Context, Reader, run
 
@@ -106,13 +107,23 @@ class TunedLens(torch.nn.Module):
 
     # -- use
     def forward(self, h: Float[Tensor, "... d_model"], point: Union[ReadoutPoint, str]) -> Float[Tensor, "... d_model"]:
+        """The translated residual ``h + h W^T + b`` (in float32), returned in ``h``'s dtype.
+
+        Raises :class:`EmbedwalkError` when ``h`` is 16-bit and a translated value does not fit
+        that dtype (beyond float16's 65504), naming the readout, row, dimension and value."""
         label = point.label if isinstance(point, ReadoutPoint) else str(point)
         i = self.index.get(label)
         if i is None:
             return h
         W, b = self.weight[i], self.bias[i]
         x = h.to(W.dtype)  # translators stay float32 even for 16-bit models
-        return (x + x @ W.T + b).to(h.dtype)
+        # Back to the model's dtype for its readout: a translation float16 cannot hold is refused.
+        return cast_finite(
+            x + x @ W.T + b, h.dtype, what=f"the tuned lens's translator at readout {label!r}",
+            locate=lambda idx: f"row {list(idx[:-1])}, dimension {idx[-1]}",
+            fix=f"The model reads residuals in {str(h.dtype).replace('torch.', '')}; load it in float32 or bfloat16 "
+            "(or retrain the lens on this model: train_tuned_lens(model, texts))",
+        )
 
     def check_model(self, model) -> None:
         """Raise unless ``model`` has the width, residual basis and unembedding this lens was trained for."""

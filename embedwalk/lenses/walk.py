@@ -24,6 +24,7 @@ from torch import Tensor
 
 from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, ReadoutPoint
+from embedwalk.casting import cast_finite
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Inputs
 from embedwalk.lenses.projection import directions, pca_2d, select_positions
@@ -39,13 +40,20 @@ def nearest_tokens(
     adapter: ModelAdapter, states: Float[Tensor, "m d_model"], k: int
 ) -> tuple[Int[Tensor, "m k"], Float[Tensor, "m k"], Int[Tensor, "m k"], Float[Tensor, "m k"]]:
     """Top-k tokens of each state under the unembedding (probabilities of the final-norm readout)
-    and under the embedding matrix (cosine to the rows of W_E), computed in vocabulary chunks of rows."""
+    and under the embedding matrix (cosine to the rows of W_E), computed in vocabulary chunks of rows.
+
+    ``states`` are cast to the model's dtype for its readout; a state a 16-bit model cannot hold
+    (e.g. a parallel block's midpoint, a sum the model never forms) raises :class:`EmbedwalkError`."""
     W_E = adapter.W_E
     e_norm = W_E.float().norm(dim=-1).clamp_min(1e-12)
     rows = max(1, _CHUNK_ELEMENTS // adapter.d_vocab)
     out = ([], [], [], [])
     for i in range(0, states.shape[0], rows):
-        x = states[i : i + rows].to(adapter.device, adapter.dtype)
+        x = cast_finite(
+            states[i : i + rows].to(adapter.device), adapter.dtype, what="a walk state to read out",
+            locate=lambda idx, i=i: f"state {i + idx[0]}, dimension {idx[1]}",
+            fix="Load the model in float32 or bfloat16 to read states beyond float16's range",
+        )
         logp = adapter.readout(x).float().log_softmax(-1)
         p, ids = logp.topk(k, dim=-1)
         out[0].append(ids.cpu())

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from embedwalk.adapter import ModelAdapter, adapt, eval_mode
+from embedwalk.casting import cast_finite
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import batches as make_batches
 from embedwalk.run import Context, Reader, attached, forward
@@ -165,10 +166,28 @@ def _positions_id(positions: Positions, positions_id: Optional[str] = None) -> s
 
 
 class _Gather(Reader):
-    """Selects rows inside the hooks and hands each finished batch to the shard writer."""
+    """Selects rows inside the hooks and hands each finished batch to the shard writer.
 
-    def __init__(self, entries: list[dict], positions: Positions, dtype: torch.dtype, sink: Callable):
+    Every stored value must be finite: a value the cast to the storage dtype would turn into
+    ``inf`` (float16 ends at 65504), or one the model itself made ``inf``/NaN, is refused by
+    :func:`~embedwalk.casting.cast_finite` inside the hook, naming hook, prompt, position and
+    value, before that batch reaches the shard writer.
+    """
+
+    def __init__(self, entries: list[dict], positions: Positions, dtype: torch.dtype, sink: Callable, directory: Optional[Path] = None):
         self.positions, self.dtype, self.sink = positions, dtype, sink
+        self.texts: list = []  # this batch's prompts (text or token ids), to name one in an error
+        here = f" in {directory}" if directory is not None else ""
+        self.fix = (
+            "Store in float32 (cache_activations(..., dtype=torch.float32), `embedwalk cache --dtype float32`) or "
+            "bfloat16 (dtype=torch.bfloat16: float32's range, 8 significant bits). The dtype is part of the store's "
+            f"configuration: the finished shards{here} hold only earlier prompts and cannot be resumed in another "
+            "dtype, so write to a new directory (or delete this one)"
+        )
+        self.source_fix = (
+            "The model's own forward made it (storing in float32 would keep it): a float16 model overflows inside its "
+            "own forward, so load it in float32 or bfloat16; otherwise check its weights and this prompt"
+        )
         self.attach: dict[str, list[tuple[str, bool]]] = {}
         for e in entries:
             hook = e["name"]
@@ -209,11 +228,28 @@ class _Gather(Reader):
         return self._sel
 
     def read(self, name, value, ctx):
-        rows = value[self.select(ctx)]
+        sel = self.select(ctx)
+        rows = value[sel]
         for key, normed in self.attach[name]:
             v = ctx.adapter.final_norm(rows) if normed else rows
             # Cast on the model's device: a 16-bit row is half the bytes to move and to queue.
-            self.acts[key] = v.to(self.dtype).to("cpu")
+            # Checked for every storage dtype: a store never holds inf/NaN, whatever made it.
+            self.acts[key] = cast_finite(
+                v, self.dtype, what=f"cannot store hook {key}", fix=self.fix, source_fix=self.source_fix,
+                locate=lambda idx: self._locate(idx, sel, ctx), check=True,
+            ).to("cpu")
+
+    def _locate(self, idx: tuple, sel: Tensor, ctx: Context) -> str:
+        """Words for stored row ``idx[0]``, dimension ``idx[1]`` of this batch."""
+        row, dim = idx
+        b, p = (int(i) for i in sel.nonzero()[row])
+        mask = ctx.batch.mask
+        position = int(mask[b, : p + 1].sum()) - 1  # counted from the first real token, as stored
+        token = ctx.adapter.to_str_tokens([int(ctx.batch.tokens[b, p])])[0]
+        prompt = self.ids[b] if b < len(self.ids) else b
+        text = self.texts[b] if b < len(self.texts) else None
+        shown = f" {text[:60]!r}{'...' if len(text) > 60 else ''}" if isinstance(text, str) else ""
+        return f"prompt {prompt}{shown}, position {position} (token {token!r}), dimension {dim}"
 
     def end_batch(self, ctx):
         sel = self.select(ctx).cpu()
@@ -436,6 +472,19 @@ def cache_activations(
     kept shards are checked against their SHA-256, a complete store is returned only for the
     same data, anything else raises :class:`EmbedwalkError`. Deleted trailing shards are
     rewritten (byte-identical).
+
+    ``dtype`` is the storage dtype of the vectors: ``"bfloat16"`` (default; float32's range,
+    8 significant bits), ``"float16"`` (11 significant bits, magnitudes up to 65504) or
+    ``"float32"``. A store never holds ``inf`` or NaN: a value the cast to ``dtype`` would
+    turn into ``inf`` (in float16, any magnitude from 65520 on) raises :class:`EmbedwalkError`
+    naming the hook, the prompt (index and text), the position (counted from the first real
+    token, as stored), the dimension and the value, with the fix (``dtype=torch.float32`` or
+    ``torch.bfloat16``, into a new directory); so does an ``inf``/NaN the model's own forward
+    produced, in every dtype, saying it is not a storage-precision problem. The check runs
+    before the batch reaches the shard writer, so the directory keeps only the shards finished
+    before that batch: a valid store, ``open_store(out, allow_partial=True)``. The hook is
+    refused, not silently written wider: a store's dtype is part of its configuration, and a
+    hook cannot change dtype part-way through shards already written.
     """
     from embedwalk import __version__
     from embedwalk.store.reader import ActivationStore
@@ -478,7 +527,7 @@ def cache_activations(
         return ActivationStore(directory)
 
     writer = _ShardWriter(directory, manifest, shard_rows, queue_size)
-    gather = _Gather(entries, positions, store_dtype, lambda chunk, rows, extra: writer.put((chunk, rows, extra)))
+    gather = _Gather(entries, positions, store_dtype, lambda chunk, rows, extra: writer.put((chunk, rows, extra)), directory)
     parties = [gather, *readers]
 
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, (str, Path)) else None
@@ -513,6 +562,7 @@ def cache_activations(
                 else:
                     batch = next(make_batches(adapter, payloads, batch_size=len(chunk), prepend_bos=prepend_bos, padding_side=padding_side, progress=False))
                 gather.ids = [i for i, _, _ in chunk]
+                gather.texts = payloads
                 gather.extra = {"ids": gather.ids, "meta": [m for _, _, m in chunk], "digests": [item_digest(p, m) for _, p, m in chunk]}
                 batch = batch.to(adapter.device)
                 ctx = Context(adapter, batch)
