@@ -692,8 +692,8 @@ class ModelAdapter:
         token, and, on a sliding-window layer (:meth:`attention_window`, ``w``), ``q - k < w``
         with positions of the padded sequence, as Hugging Face and TransformerLens mask them
         (checked against the Hugging Face model's own eager attention weights, left padding
-        included, in ``tests/test_reach.py``). Query rows of padding follow the same rule
-        (they are the model's, not meaningful); a left-padding query before the first real
+        included, in ``tests/test_reach.py``). Rows of padding queries follow the same rule
+        (the model's outputs there mean nothing); a left-padding query before the first real
         token reaches no key. ``window=False`` ignores the sliding window: the whole causal
         prefix of real tokens, for the ``keys="prefix"`` counterfactual of the uniform swap.
         Returned on ``mask``'s device.

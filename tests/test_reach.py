@@ -100,6 +100,34 @@ def test_reach_refuses_chunked_attention_and_sinks():
             association_bias(a.model, "w5 w6 w7")
 
 
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_uniform_z_is_the_uniform_pattern_times_the_values(exclude_self):
+    """uniform_z (running sums on interval-shaped reach, the pattern product otherwise) equals
+    uniform_pattern applied to the values in float64, for causal, windowed, left/right padded
+    and arbitrary reach."""
+    from embedwalk.association.swap import _interval, uniform_pattern, uniform_z
+
+    torch.manual_seed(0)
+    b, p, kv, h, d = 3, 11, 2, 4, 8
+    mask = torch.ones(b, p, dtype=torch.bool)
+    mask[1, :4] = False  # left padding
+    mask[2, 7:] = False  # right padding
+    idx = torch.arange(p)
+    gap = idx[:, None] - idx[None, :]
+    reaches = {"causal": (gap >= 0)[None] & mask[:, None, :],
+               "window 3": ((gap >= 0) & (gap < 3))[None] & mask[:, None, :],
+               "arbitrary": torch.rand(b, p, p) < 0.4}
+    v = torch.randn(b, p, kv, d)
+    for name, reach in reaches.items():
+        assert (_interval(reach) is None) == (name == "arbitrary")
+        z = uniform_z(v, reach, h, kv, exclude_self=exclude_self).double()
+        want = torch.einsum("bqk,bkhd->bqhd", uniform_pattern(reach, exclude_self=exclude_self).double(),
+                            v.double()).repeat_interleave(h // kv, dim=2)
+        # float32 output of a mean of at most p terms: rounding of each value and of the result
+        tol = 2 * p * EPS32 * float(v.abs().max())
+        assert float((z - want).abs().max()) <= tol, name
+
+
 def _uniform_priority(model, texts):
     """head_priority's reader on patterns written uniform over the reached keys."""
     a = ew.adapt(model)

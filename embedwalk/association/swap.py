@@ -137,6 +137,25 @@ def _heads_view(x: Tensor, n: int) -> Tensor:
     return x.reshape(*x.shape[:2], n, -1) if x.ndim == 3 else x
 
 
+def _interval(reach: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """``(first, count)``, each ``[batch, q]``, when every row of ``reach`` is the real keys of
+    one interval ``[first, q]`` (causal attention, padding, sliding windows), so that its mean
+    is a difference of running sums; None for any other shape. A real key is one its own query
+    reaches (the diagonal)."""
+    r8 = reach.view(torch.uint8)  # a view: bool and uint8 share the bytes
+    real = reach.diagonal(dim1=-2, dim2=-1)  # [b, k]
+    count = r8.sum(-1, dtype=torch.int32)
+    first = r8.argmax(-1)  # the first True; 0 for a row that reaches nothing (count 0)
+    if bool((reach & ~real[:, None, :]).any()) or bool(torch.triu(r8, diagonal=1).any()):
+        return None  # a pad key, or a key after the query
+    # every reached key is real and in [first, q]: the row is the interval iff it has them all
+    cum = torch.cat([real.new_zeros(real.shape[0], 1, dtype=torch.int32), torch.cumsum(real, -1, dtype=torch.int32)], -1)
+    inside = cum[:, 1:] - cum.gather(1, first)  # real keys in [first, q]
+    if not torch.equal(torch.where(count > 0, inside, 0), count):
+        return None
+    return first, count
+
+
 def uniform_z(
     v: Float[Tensor, "batch pos kv_heads_or_flat ..."],
     reach: Bool[Tensor, "batch q k"],
@@ -145,17 +164,34 @@ def uniform_z(
     *,
     exclude_self: bool = False,
 ) -> Float[Tensor, "batch pos n_heads d_head"]:
-    """What ``hook_z`` would be under uniform aggregation: :func:`uniform_pattern` of ``reach``
-    applied to the values, ``z[q] = sum_k p[q, k] v[k]``, so it is the pattern method by
-    construction, for any set of reachable keys (sliding windows included).
+    """What ``hook_z`` would be under uniform aggregation: the values averaged with
+    :func:`uniform_pattern` of ``reach`` (the same keys, the same ``exclude_self`` rule),
+    returned in float32.
 
-    One float32 matrix product (its dot products accumulate ``m`` terms, not the differences of
-    running sums a cumulative sum would need), returned in float32; grouped-query heads are
-    expanded as TL and HF do (head ``h`` reads key-value head ``h // (n_heads // n_kv_heads)``).
+    When every query reaches the real keys of one interval ending at itself (causal attention,
+    padding, sliding windows: every ``reach`` :meth:`ModelAdapter.reach` gives today), the mean
+    is a difference of running sums, O(pos) instead of the O(pos^2) pattern product; summed in
+    float64 so that the difference of two long running sums keeps float32's precision. Any
+    other ``reach`` (and any on MPS, which has no float64) takes the pattern product in float32. Grouped-query heads are expanded as
+    TL and HF do (head ``h`` reads key-value head ``h // (n_heads // n_kv_heads)``).
     """
-    p = uniform_pattern(reach, exclude_self=exclude_self).to(v.device)
-    v4 = _heads_view(v, n_kv_heads).to(torch.float32)
-    mean = torch.einsum("bqk,bkhd->bqhd", p, v4)
+    reach = _check_reach(reach, "uniform_z").to(v.device)
+    v4 = _heads_view(v, n_kv_heads)
+    interval = _interval(reach) if v.device.type != "mps" else None  # MPS has no float64
+    if interval is None:
+        mean = torch.einsum("bqk,bkhd->bqhd", uniform_pattern(reach, exclude_self=exclude_self), v4.to(torch.float32))
+    else:
+        first, count = interval
+        real = reach.diagonal(dim1=-2, dim2=-1)[:, :, None, None]
+        x = v4.to(torch.float64) * real
+        total = torch.cat([torch.zeros_like(x[:, :1]), torch.cumsum(x, dim=1)], dim=1)  # total[j] = sum_{k<j}
+        count = count.to(torch.float64)[:, :, None, None]
+        sums = total[:, 1:] - total.gather(1, first[:, :, None, None].expand(-1, -1, *x.shape[2:]))
+        if exclude_self:
+            only_self = real & (count == 1)  # the first real token keeps its own value
+            sums, count = sums - x, count - real.to(torch.float64)
+            sums, count = torch.where(only_self, x, sums), torch.where(only_self, 1.0, count)
+        mean = torch.where(count > 0, sums / count.clamp_min(1.0), 0.0).to(torch.float32)  # no key: zero, as the pattern
     if n_heads != n_kv_heads:
         mean = mean.repeat_interleave(n_heads // n_kv_heads, dim=2)
     return mean
