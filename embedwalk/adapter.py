@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from embedwalk.errors import ArchitectureError, EmbedwalkError
@@ -642,7 +642,9 @@ class ModelAdapter:
         TL 2/3 ``cfg.attn_types``/``cfg.window_size``; on the bridge from the wrapped Hugging
         Face attention and its config (``layer_types``/``sliding_window``, GPT-Neo's
         ``attention_type``/``window_size``), because the bridge's own cfg fields may be None.
-        Raises EmbedwalkError for a layer kind it does not know (e.g. chunked attention).
+        Raises :class:`~embedwalk.errors.ArchitectureError` for a layer kind it does not know
+        (e.g. Llama-4's chunked attention). :meth:`reach` builds on it and is what every
+        capability asks.
         """
         layer = self.check_layer(layer)
         if self.generation != "bridge":
@@ -651,7 +653,7 @@ class ModelAdapter:
                 return None
             if kinds[layer] == "local":
                 return int(self.cfg.window_size)
-            raise self.refuse("the keys of attention layer {}".format(layer),
+            raise self.refuse(f"which keys attention layer {layer} reaches",
                               f"its attention type {kinds[layer]!r} is neither 'global' nor 'local'")
         hf = getattr(self.model.blocks[layer].attn, "original_component", None)
         config = getattr(hf, "config", None) or getattr(getattr(self.model, "original_model", None), "config", None)
@@ -665,14 +667,61 @@ class ModelAdapter:
             if types[layer] == "sliding_attention":
                 return int(config.sliding_window)
             raise self.refuse(
-                f"the keys of attention layer {layer}",
+                f"which keys attention layer {layer} reaches",
                 f"it is a {types[layer]!r} layer of {type(hf).__name__}; embedwalk knows only full and "
-                "sliding-window causal attention, so it cannot say which keys this layer reaches",
+                "sliding-window causal attention (not chunked attention, whose keys restart at each "
+                "chunk boundary), so it cannot say which keys this layer reaches",
             )
+        if getattr(config, "attention_chunk_size", None) is not None:
+            raise self.refuse(f"which keys attention layer {layer} reaches",
+                              f"{type(hf).__name__}'s config sets attention_chunk_size but names no layer_types, "
+                              "so which layers are chunked is unknown")
         window = getattr(config, "sliding_window", None)
         if window is None or getattr(config, "use_sliding_window", True) is False:
             return None
         return int(window)  # Mistral, Mixtral, Phi-3, StarCoder2: every layer slides
+
+    def reach(self, layer: int, mask: Bool[Tensor, "batch pos"], *, window: bool = True
+              ) -> Bool[Tensor, "batch query key"]:
+        """Which keys each query of ``layer``'s attention reaches: True where query ``q`` may
+        attend key ``k``. The one answer every uniform baseline, key count and self-attention
+        expectation in embedwalk is computed from.
+
+        ``mask``: ``[batch, pos]``, True on real tokens (:attr:`embedwalk.inputs.Batch.mask`;
+        either padding side). ``reach[b, q, k]`` is True when ``k <= q``, key ``k`` is a real
+        token, and, on a sliding-window layer (:meth:`attention_window`, ``w``), ``q - k < w``
+        with positions of the padded sequence, as Hugging Face and TransformerLens mask them
+        (checked against the Hugging Face model's own eager attention weights, left padding
+        included, in ``tests/test_reach.py``). Rows of padding queries follow the same rule
+        (the model's outputs there mean nothing); a left-padding query before the first real
+        token reaches no key. ``window=False`` ignores the sliding window: the whole causal
+        prefix of real tokens, for the ``keys="prefix"`` counterfactual of the uniform swap.
+        Returned on ``mask``'s device.
+
+        Raises :class:`~embedwalk.errors.ArchitectureError` where the answer would be a guess:
+        chunked attention (Llama-4 ``attention_chunk_size``), attention sinks (GPT-OSS's
+        learned per-head ``sinks`` logit, which takes softmax mass from every key so no
+        distribution over keys is uniform), or a layer type it does not know.
+        """
+        w = self.attention_window(layer)
+        if self.generation == "bridge":
+            hf = getattr(self.model.blocks[layer].attn, "original_component", None)
+            if isinstance(getattr(hf, "sinks", None), Tensor):
+                raise self.refuse(
+                    f"which keys attention layer {layer} reaches",
+                    f"{type(hf).__name__} has attention sinks (a learned logit per head that joins every "
+                    "query's softmax), so its weights over the keys do not sum to 1 and a uniform "
+                    "expectation over them is undefined; embedwalk does not model sinks")
+        if not isinstance(mask, Tensor) or mask.ndim != 2:
+            raise EmbedwalkError(f"mask must be a [batch, pos] tensor (True on real tokens), got "
+                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
+        mask = mask.bool()
+        idx = torch.arange(mask.shape[-1], device=mask.device)
+        gap = idx[:, None] - idx[None, :]  # q - k
+        allowed = gap >= 0
+        if window and w is not None:
+            allowed = allowed & (gap < w)
+        return allowed[None] & mask[:, None, :]
 
     # ------------------------------------------------------------------ weights
     @property

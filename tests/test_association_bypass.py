@@ -39,7 +39,8 @@ def test_bypass_skips_the_query_key_path(tiny):
     fast = _flops(lambda: _logits(tiny, tokens, mask, [swap]))
     assert swap.bypassed_layers(a) == set(range(a.n_layers))
     # What the plain forward spends and the bypass does not: the query and key projections,
-    # the scores and the pattern-times-values product (2 flops per multiply-add).
+    # the scores and the pattern-times-values product (2 flops per multiply-add); the bypass's
+    # uniform mean is a difference of running sums, which counts no matrix-product flops.
     projections = 2 * b * p * a.d_model * (a.n_heads + a.n_kv_heads) * a.d_head
     attention = 2 * 2 * b * a.n_heads * p * p * a.d_head
     assert plain - fast == a.n_layers * (projections + attention)
@@ -111,7 +112,7 @@ def test_bypass_is_removed_when_a_reader_fails(tiny_arch):
 
 def test_bypass_refuses_cached_decoding(tiny_arch):
     a = ew.adapt(tiny_arch)
-    bypass = mixing_forward(a, 0, lambda v: uniform_z(v, torch.ones(v.shape[:2], dtype=torch.bool),
+    bypass = mixing_forward(a, 0, lambda v: uniform_z(v, a.reach(0, torch.ones(v.shape[:2], dtype=torch.bool)),
                                                       a.n_heads, a.n_kv_heads))
     x = torch.randn(1, 3, a.d_model)
 

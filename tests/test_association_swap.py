@@ -113,7 +113,7 @@ def test_fast_equals_pattern_on_smollm2(smollm2):
                 ctx.state["v"] = value
                 return
             z = value.reshape(*value.shape[:2], a.n_heads, a.d_head)
-            zu = uniform_z(ctx.state["v"], ctx.batch.mask, a.n_heads, a.n_kv_heads)
+            zu = uniform_z(ctx.state["v"], a.reach(int(name.split(".")[1]), ctx.batch.mask), a.n_heads, a.n_kv_heads)
             worst.append(float((z - zu)[ctx.batch.mask].abs().max()))
 
     slow = []
@@ -146,19 +146,20 @@ def test_only_chosen_heads_change(tiny_arch):
     keep = [0, 1, 3]
     assert torch.equal(z0[:, :, keep], z1[:, :, keep])
     kv = 2 // (a.n_heads // a.n_kv_heads)
-    w = uniform_pattern(mask).double()
+    w = uniform_pattern(a.reach(0, mask)).double()
     want = w @ v[:, :, kv].double()
     assert torch.allclose(z1[:, :, 2][mask].double(), want[mask], atol=1e-6)
 
 
 def test_uniform_pattern_rows():
     mask = torch.tensor([[False, False, True, True, True], [True, True, True, False, False]])
-    p = uniform_pattern(mask)
+    reach = torch.ones(5, 5, dtype=torch.bool).tril()[None] & mask[:, None, :]  # causal, real keys, by hand
+    p = uniform_pattern(reach)
     assert torch.allclose(p[0, 4], torch.tensor([0, 0, 1 / 3, 1 / 3, 1 / 3]))
     assert torch.allclose(p[1, 2], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0, 0]))
     assert torch.allclose(p[1, 4], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0, 0]))  # pad query: valid keys only
     assert p[0, 0].sum() == 0  # left-pad query: no valid key
-    q = uniform_pattern(mask, exclude_self=True)
+    q = uniform_pattern(reach, exclude_self=True)
     assert torch.allclose(q[0, 2], torch.tensor([0.0, 0, 1, 0, 0]))  # first real: falls back to itself
     assert torch.allclose(q[0, 4], torch.tensor([0, 0, 0.5, 0.5, 0]))
 
@@ -166,7 +167,7 @@ def test_uniform_pattern_rows():
 def test_pattern_fn_custom_and_leak_check(tiny_arch):
     a = ew.adapt(tiny_arch)
     tokens, mask = ew.tokenize(a, TEXTS, padding_side="left")
-    same = _swapped_logits(tiny_arch, tokens, mask, UniformSwap(pattern_fn=lambda m, layer: uniform_pattern(m)))
+    same = _swapped_logits(tiny_arch, tokens, mask, UniformSwap(pattern_fn=lambda m, layer: uniform_pattern(a.reach(layer, m))))
     ref = _swapped_logits(tiny_arch, tokens, mask, UniformSwap(method="pattern"))
     assert torch.allclose(same[mask], ref[mask], atol=1e-6)
 

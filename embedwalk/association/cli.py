@@ -52,7 +52,11 @@ def _measure(args) -> int:
     res = association_bias(model_from_args(args), _texts(args), exclude_self=args.exclude_self, batch_size=args.batch_size)
     df = res.to_dataframe().pivot_table(index=["layer", "head"], columns="metric", values="value").reset_index()
     print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    print(f"uniform expectation of self attention: {res.self_uniform:.4f} over {res.n_tokens} tokens")
+    n, single = res.n_queries, res.n_single_key
+    print("distance = ‖z − z_uniform‖/‖z − c‖ (c: the head's value offset); uniform expectation of self "
+          f"attention (mean 1/m) by layer: {', '.join(f'{float(u):.4f}' for u in res.self_uniform)}; over "
+          f"{int(n.min()) if int(n.min()) == int(n.max()) else n.tolist()} query positions "
+          f"({int(single.max())} reaching a single key excluded: uniform by construction)")
     if args.csv:
         df.to_csv(args.csv, index=False)
     if args.plot:
@@ -99,12 +103,12 @@ def add_subparser(subparsers) -> None:
     p = sub.add_parser("sweep", help="swap all heads, each layer and each head for uniform aggregation; loss/KL table")
     _model_args(p)
     p.add_argument("--units", default="all,layer", help="comma list of all,layer,head (default all,layer)")
-    p.add_argument("--method", default="fast", choices=["fast", "pattern"], help="fast: running mean of the values (bypasses queries and keys); pattern: replace the attention pattern (default fast)")
+    p.add_argument("--method", default="fast", choices=["fast", "pattern"], help="fast: mean of the values over the reachable keys (bypasses queries and keys); pattern: replace the attention pattern (default fast)")
     p.add_argument("--csv", help="write the table here")
     p.add_argument("--plot", help="write the figure here (.png)")
     p.set_defaults(func=_sweep)
 
-    p = sub.add_parser("measure", help="per-head distance from uniform aggregation and self bias")
+    p = sub.add_parser("measure", help="per-head distance from uniform aggregation, ||z - z_uniform|| / ||z - c|| (c: the head's value offset), and self bias")
     _model_args(p)
     p.add_argument("--csv", help="write the per-head table here")
     p.add_argument("--plot", help="write the figure here (.png)")

@@ -1,8 +1,10 @@
 """What attention adds over uniform aggregation: per-head distances, self bias, downstream effects.
 
 - ``association_bias``: one pass; per layer and head, how far the head's output ``z`` is from
-  the uniform output (the running mean of its values), and the attention each query pays to
-  its own position against the uniform expectation ``1/m``.
+  the uniform output (the mean of its values over the keys the layer reaches,
+  :meth:`ModelAdapter.reach`), ‖z − z_uniform‖/‖z − c‖, and the attention each query pays to
+  its own position against the uniform expectation ``1/m``; queries that reach a single key
+  are uniform by construction and left out.
 - ``downstream``: an original and a swapped pass (two forwards); next-token loss change,
   KL(original || swapped), top-1 agreement and the cosine of the composite vectors.
 - ``sweep``: ``downstream`` one layer at a time and one head at a time, reusing the original
@@ -16,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from embedwalk._summary import summary_repr
@@ -26,7 +28,7 @@ from embedwalk.inputs import Inputs, tokenize
 from embedwalk.run import Context, Reader, Writer, run
 from embedwalk.association.prefix import Resume
 from embedwalk.association.probes import value_offset
-from embedwalk.association.swap import Targets, UniformSwap, _heads_view, _reachable, resolve_targets, uniform_z
+from embedwalk.association.swap import Targets, UniformSwap, _heads_view, resolve_targets, uniform_z
 from embedwalk.reduce import rowdot
 
 __all__ = [
@@ -37,7 +39,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- one pass
 class AssociationReader(Reader):
-    """Per head: mean over valid queries of ‖z − z_uniform‖/‖z − c‖, cos(z − c, z_uniform − c),
+    """Per head: mean over counted queries of ‖z − z_uniform‖/‖z − c‖, cos(z − c, z_uniform − c),
     and the attention to the query's own position next to the uniform expectation 1/m.
 
     ``c`` is the head's value offset (:func:`embedwalk.association.probes.value_offset`): the
@@ -45,11 +47,18 @@ class AssociationReader(Reader):
     ``fold_value_biases``) moves into ``b_O``. Any stochastic pattern passes it through
     unchanged, so ``z − c`` and ``z_uniform − c`` are the same on a raw and a processed model,
     and so are the measures. ``keys``: as for :class:`UniformSwap` (``"reachable"``: the
-    uniform mean and ``m`` count the keys within the layer's sliding window).
+    uniform mean and ``m`` count the keys :meth:`ModelAdapter.reach` gives the layer, its
+    sliding window included; ``"prefix"``: every earlier real key).
+
+    Counted queries: real positions whose layer reaches at least two keys
+    (:meth:`ModelAdapter.reach`). A query that reaches a single key (the first real token of
+    each prompt) attends to it with weight 1 whatever the head does, so it is uniform by
+    construction; such queries are left out of every mean and counted apart
+    (``n_single_key``).
     """
 
     def __init__(self, *, exclude_self: bool = False, keys: str = "reachable"):
-        self.swap = UniformSwap(exclude_self=exclude_self, keys=keys)  # validates; owns the windows
+        self.swap = UniformSwap(exclude_self=exclude_self, keys=keys)  # validates; owns the reach
         self.exclude_self = exclude_self
 
     def hook_points(self, adapter):
@@ -59,88 +68,117 @@ class AssociationReader(Reader):
         L, H = adapter.n_layers, adapter.n_heads
         zeros = lambda: torch.zeros(L, H, dtype=torch.float64, device=adapter.device)  # noqa: E731
         self.dist, self.cos, self.self_attn = zeros(), zeros(), zeros()
-        self.self_uniform = torch.zeros((), dtype=torch.float64, device=adapter.device)
-        self.self_uniform_layer = torch.zeros(L, dtype=torch.float64, device=adapter.device)
-        self.n_tokens = 0
+        self.self_uniform = torch.zeros(L, dtype=torch.float64, device=adapter.device)
+        self.n_queries = torch.zeros(L, dtype=torch.int64)
+        self.n_single = torch.zeros(L, dtype=torch.int64)
         self.adapter = adapter
+        for l in range(L):  # an architecture whose keys cannot be known is refused before any forward
+            adapter.reach(l, torch.ones(1, 1, dtype=torch.bool))
         offset = value_offset(adapter).to(adapter.device)  # [layer, kv_heads, d_head]
         self.offset = offset.repeat_interleave(H // adapter.n_kv_heads, dim=1)  # [layer, heads, d_head]
-        self.windows = [self.swap.window(adapter, l) for l in range(L)]
+
+    def _counted(self, ctx: Context, layer: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(uniform reach [batch, q, k], counted queries [batch, q]) of ``layer`` for this batch."""
+        key = (id(self), "reach", layer)
+        if key not in ctx.state:
+            a = ctx.adapter
+            model_keys = a.reach(layer, mask).sum(-1)  # what the model's own attention reaches
+            counted = mask & (model_keys > 1)
+            ctx.state[key] = (self.swap.reach(a, layer, mask), counted)
+            self.n_queries[layer] += int(counted.sum())
+            self.n_single[layer] += int((mask & (model_keys == 1)).sum())
+        return ctx.state[key]
 
     def read(self, name, value, ctx: Context):
         a, layer = ctx.adapter, int(name.split(".")[1])
         mask = ctx.batch.mask.to(value.device)
-        window = self.windows[layer]
+        reach, counted = self._counted(ctx, layer, mask)
         if name.endswith("hook_v"):
             ctx.state[(id(self), layer)] = value
         elif name.endswith("hook_z"):
             v = ctx.state.pop((id(self), layer))
-            zu = uniform_z(v, mask, a.n_heads, a.n_kv_heads, exclude_self=self.exclude_self, window=window)
+            zu = uniform_z(v, reach, a.n_heads, a.n_kv_heads, exclude_self=self.exclude_self)
             z = _heads_view(value, a.n_heads).to(torch.float32)
             c = self.offset[layer].to(z.device)
             z0, zu0 = z - c, zu - c
             dist = (z - zu).norm(dim=-1) / z0.norm(dim=-1).clamp_min(1e-12)
             cos = F.cosine_similarity(z0, zu0, dim=-1, eps=1e-12)
-            self.dist[layer] += dist[mask].sum(0).double()
-            self.cos[layer] += cos[mask].sum(0).double()
+            self.dist[layer] += dist[counted].sum(0).double()
+            self.cos[layer] += cos[counted].sum(0).double()
         else:  # pattern [batch, head, q, k]
             diag = value.diagonal(dim1=-2, dim2=-1).to(torch.float32)  # [batch, head, pos]
-            self.self_attn[layer] += diag.permute(0, 2, 1)[mask].sum(0).double()
-            m = _reachable(mask, False, window).sum(-1).to(torch.float64)  # [batch, q]
-            self.self_uniform_layer[layer] += (1.0 / m[mask]).sum()
-            if layer == 0:
-                full = torch.cumsum(mask.to(torch.float64), dim=-1)
-                self.self_uniform += (1.0 / full[mask]).sum()
-                self.n_tokens += int(mask.sum())
+            self.self_attn[layer] += diag.permute(0, 2, 1)[counted].sum(0).double()
+            m = reach.sum(-1).to(torch.float64)  # [batch, q]: the keys uniform aggregation averages over
+            self.self_uniform[layer] += (1.0 / m[counted]).sum()
 
     def result(self) -> "AssociationBias":
-        n = max(self.n_tokens, 1)
+        if int(self.n_queries.min()) == 0:
+            layer = int(self.n_queries.argmin())
+            raise EmbedwalkError(
+                f"no query position of layer {layer} reaches more than one key ({int(self.n_single[layer])} "
+                "reach exactly one, where every head is uniform by construction), so every measure would be "
+                "0/0: pass prompts of at least two tokens")
+        n = self.n_queries.to(self.dist.device, torch.float64)
         return AssociationBias(
-            distance=(self.dist / n).float().cpu(),
-            cosine=(self.cos / n).float().cpu(),
-            self_attention=(self.self_attn / n).float().cpu(),
-            self_uniform=float(self.self_uniform / n),
-            n_tokens=self.n_tokens,
-            self_uniform_by_layer=(self.self_uniform_layer / n).float().cpu(),
+            distance=(self.dist / n[:, None]).float().cpu(),
+            cosine=(self.cos / n[:, None]).float().cpu(),
+            self_attention=(self.self_attn / n[:, None]).float().cpu(),
+            self_uniform=(self.self_uniform / n).float().cpu(),
+            n_queries=self.n_queries.clone(),
+            n_single_key=self.n_single.clone(),
         )
+
+
+def _count(t: Tensor) -> str:
+    lo, hi = int(t.min()), int(t.max())
+    return str(lo) if lo == hi else f"{lo}-{hi} (by layer)"
 
 
 @summary_repr
 @dataclass
 class AssociationBias:
-    """Per layer and head, averaged over valid query positions.
+    """Per layer and head, averaged over the counted query positions of each layer.
+
+    Counted: real positions whose layer reaches at least two keys (:meth:`ModelAdapter.reach`);
+    a query that reaches one key only (each prompt's first real token) gives it weight 1 under
+    any head, uniform by construction, and is excluded from every mean (``n_single_key``).
 
     ``distance``: ‖z − z_uniform‖/‖z − c‖; ``cosine``: cos(z − c, z_uniform − c), where ``c``
     is the head's value offset (its values at a zero block input: value bias plus norm bias
     through ``W_V``), so that both are the same with and without TransformerLens weight
     processing; for a model without biases ``c = 0``. ``z_uniform`` averages the values over
     the keys the layer reaches (its sliding window included, unless ``keys="prefix"``).
-    ``self_attention``: the weight a query gives its own position; ``self_uniform``: the
-    uniform expectation over the whole causal prefix, the mean of 1/m (m = valid keys ≤ i);
-    ``self_uniform_by_layer``: the same over each layer's reachable keys (equal to
-    ``self_uniform`` on a layer without a window). ``self_bias = self_attention −
-    self_uniform_by_layer``: negative means heads avoid their own position more than uniform
-    aggregation would.
+    ``self_attention``: the weight a query gives its own position; ``self_uniform``
+    ``[layer]``: its uniform expectation, the mean of 1/m over the counted queries (m = the
+    keys the query reaches at that layer). ``self_bias = self_attention − self_uniform``:
+    negative means heads avoid their own position more than uniform aggregation would.
+    ``n_queries`` / ``n_single_key`` ``[layer]``: the counted queries each mean is taken over,
+    and the excluded single-key ones.
     """
 
     distance: Float[Tensor, "layer head"]
     cosine: Float[Tensor, "layer head"]
     self_attention: Float[Tensor, "layer head"]
-    self_uniform: float
-    n_tokens: int
-    self_uniform_by_layer: Optional[Float[Tensor, "layer"]] = None
+    self_uniform: Float[Tensor, "layer"]
+    n_queries: Int[Tensor, "layer"]
+    n_single_key: Int[Tensor, "layer"]
 
     def _headline(self) -> list[str]:
         L, Hh = self.distance.shape
-        return [f"{L} layers x {Hh} heads over {self.n_tokens} tokens: distance to uniform mean "
-                f"{float(self.distance.mean()):.3f}, cosine mean {float(self.cosine.mean()):.3f}, self-attention mean "
-                f"{float(self.self_attention.mean()):.3f} (uniform {self.self_uniform:.3f})"]
+        return [f"{L} layers x {Hh} heads over {_count(self.n_queries)} query positions ({_count(self.n_single_key)} "
+                "more reach a single key, uniform by construction, and are excluded): "
+                f"‖z − z_uniform‖/‖z − c‖ mean {float(self.distance.mean()):.3f}, cosine mean "
+                f"{float(self.cosine.mean()):.3f}, self-attention mean {float(self.self_attention.mean()):.3f} "
+                f"(uniform {float(self.self_uniform.mean()):.3f})"]
+
+    @property
+    def self_uniform_by_layer(self) -> Float[Tensor, "layer"]:
+        """The former name of :attr:`self_uniform` (per layer since it counts each layer's keys)."""
+        return self.self_uniform
 
     @property
     def self_bias(self) -> Float[Tensor, "layer head"]:
-        if self.self_uniform_by_layer is None:
-            return self.self_attention - self.self_uniform
-        return self.self_attention - self.self_uniform_by_layer[:, None]
+        return self.self_attention - self.self_uniform[:, None]
 
     def to_dataframe(self):
         import pandas as pd
@@ -162,11 +200,11 @@ class AssociationBias:
 
         d = self.distance.double().numpy()
         im = axes[0].imshow(d, aspect="auto", cmap="viridis", norm=log_norm(d))  # a few heads reach 10x the rest
-        axes[0].set(title="‖z − z_uniform‖ / ‖z‖", xlabel="head", ylabel="layer")
+        axes[0].set(title="‖z − z_uniform‖ / ‖z − c‖  (c: value offset)", xlabel="head", ylabel="layer")
         plain_ticks(fig.colorbar(im, ax=axes[0], label="relative distance to uniform aggregation (log scale)"))
         lim = float(self.self_bias.abs().max()) or 1.0
         im = axes[1].imshow(self.self_bias.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
-        axes[1].set(title=f"self bias (attention to self − {self.self_uniform:.3f})", xlabel="head", ylabel="layer")
+        axes[1].set(title="self bias (attention to self − uniform 1/m of its layer)", xlabel="head", ylabel="layer")
         fig.colorbar(im, ax=axes[1], label="attention weight on own position − uniform (< 0: avoids self)")
         return fig
 
@@ -183,10 +221,19 @@ def association_bias(
 ) -> AssociationBias:
     """How far each head's output is from uniform aggregation, and its self bias, on ``inputs``.
 
-    See :class:`AssociationReader` and :class:`AssociationBias` for the definitions: the
-    measures are invariant to TransformerLens weight processing (raw bridge, compatibility
-    mode and a processed HookedTransformer give the same numbers), and ``keys`` chooses
-    between the keys each layer reaches (default) and the whole causal prefix.
+    Per layer and head: ``distance`` = mean ‖z − z_uniform‖/‖z − c‖ and ``cosine`` = mean
+    cos(z − c, z_uniform − c) (``c``: the head's value offset), ``self_attention`` against
+    ``self_uniform`` = mean 1/m. The means are over query positions that reach at least two
+    keys (:meth:`ModelAdapter.reach`); those that reach one key (each prompt's first real
+    token) are uniform by construction, excluded, and counted in ``n_single_key``. See
+    :class:`AssociationReader` and :class:`AssociationBias` for the definitions: the measures
+    are invariant to TransformerLens weight processing (raw bridge, compatibility mode and a
+    processed HookedTransformer give the same numbers), and ``keys`` chooses between the keys
+    each layer reaches (default) and the whole causal prefix.
+
+    Raises EmbedwalkError when no query reaches two keys (one-token prompts), and
+    ArchitectureError where the model's reachable keys are unknown (chunked attention,
+    attention sinks).
     """
     (res,) = run(model, inputs, readers=[AssociationReader(exclude_self=exclude_self, keys=keys)],
                  attention_mask=attention_mask, batch_size=batch_size, **run_kwargs)
@@ -286,7 +333,7 @@ def _effect(targets, sums: _Sums) -> "SwapEffect":
     if sums.n_pred == 0:
         raise EmbedwalkError("the text has no next-token pairs: pass prompts of at least two tokens")
     return SwapEffect(targets, sums.nll_o / sums.n_pred, sums.nll_s / sums.n_pred, sums.kl / sums.n,
-                      sums.agree / sums.n, sums.cos / sums.n, sums.n)
+                      sums.agree / sums.n, sums.cos / sums.n, n_predicted=sums.n_pred, n_positions=sums.n)
 
 
 def _swapped_pass(adapter, tokens, mask, writers, refs: list, sums: list) -> None:
@@ -322,8 +369,8 @@ class _RowSwap(Writer):
             return value
         v = ctx.state.pop((id(self), "v"))
         # the keys this layer's own attention reaches (its sliding window too), as UniformSwap's default
-        new = uniform_z(v, ctx.batch.mask, a.n_heads, a.n_kv_heads, exclude_self=self.exclude_self,
-                        window=a.attention_window(self.layer))
+        reach = a.reach(self.layer, ctx.batch.mask.to(v.device))
+        new = uniform_z(v, reach, a.n_heads, a.n_kv_heads, exclude_self=self.exclude_self)
         chosen = torch.zeros(len(self.heads), a.n_heads, dtype=torch.bool)
         for g, hs in enumerate(self.heads):
             chosen[g, hs] = True
@@ -350,15 +397,23 @@ def _prompt_batches(tokens: Tensor, mask: Tensor, batch_size: int):
 @summary_repr
 @dataclass
 class SwapEffect:
-    """What swapping ``targets`` for uniform aggregation did to the model's predictions."""
+    """What swapping ``targets`` for uniform aggregation did to the model's predictions.
+
+    Two counts, one per kind of mean: ``loss_original``/``loss_swapped`` (next-token loss,
+    nats/token) are means over the ``n_predicted`` positions that have a next real token to
+    predict (a prompt of n real tokens has n − 1); ``kl`` (KL(original ‖ swapped), nats),
+    ``top1_agreement`` and ``composite_cosine`` (cosine of the final residuals) are means over
+    all ``n_positions`` real token positions.
+    """
 
     targets: object
     loss_original: float
     loss_swapped: float
-    kl: float  # mean over valid positions of KL(original || swapped), nats
+    kl: float
     top1_agreement: float
-    composite_cosine: float  # mean over valid positions of cos(final residual original, swapped)
-    n_tokens: int
+    composite_cosine: float
+    n_predicted: int
+    n_positions: int
 
     @property
     def delta_loss(self) -> float:
@@ -366,16 +421,17 @@ class SwapEffect:
 
     def _headline(self) -> list[str]:
         return [
-            f"uniform swap of {self.targets} over {self.n_tokens} tokens: delta loss {self.delta_loss:+.4g} nats "
-            f"({self.loss_original:.4g} -> {self.loss_swapped:.4g})",
+            f"uniform swap of {self.targets}: delta loss {self.delta_loss:+.4g} nats/token "
+            f"({self.loss_original:.4g} -> {self.loss_swapped:.4g}) over {self.n_predicted} predicted positions",
             f"KL(original || swapped) {self.kl:.4g} nats, top-1 agreement {self.top1_agreement:.1%}, "
-            f"final-residual cosine {self.composite_cosine:.4f}",
+            f"final-residual cosine {self.composite_cosine:.4f} over {self.n_positions} token positions",
         ]
 
     def as_row(self) -> dict:
         return {"loss_original": self.loss_original, "loss_swapped": self.loss_swapped,
                 "delta_loss": self.delta_loss, "kl": self.kl, "top1_agreement": self.top1_agreement,
-                "composite_cosine": self.composite_cosine, "n_tokens": self.n_tokens}
+                "composite_cosine": self.composite_cosine, "n_predicted": self.n_predicted,
+                "n_positions": self.n_positions}
 
     def to_dataframe(self):
         import pandas as pd
@@ -416,7 +472,9 @@ def downstream(
     Per batch of ``batch_size`` prompts: the original forward, then the swapped one, reduced
     at once to sums of the loss, KL(original || swapped) (float64-accumulated), top-1
     agreement and the cosine of the final residuals; the peak extra memory is that of one
-    batch's log-probs and does not grow with the number of prompts.
+    batch's log-probs and does not grow with the number of prompts. The loss is a mean over the
+    ``n_predicted`` positions that have a next real token, KL, top-1 and cosine over all
+    ``n_positions`` real tokens (both reported on the :class:`SwapEffect`).
     """
     adapter, tokens, mask = _prepare(model, inputs, attention_mask, prepend_bos, padding_side)
     swap = UniformSwap(targets, exclude_self=exclude_self, method=method)
@@ -539,8 +597,12 @@ def sweep(
     least ``batch_size``). Metrics are reduced per forward, so the peak extra memory is set by
     ``rows_per_forward``, never by the number of prompts. ``units="all"`` runs
     ``method`` (the fast path bypasses every attention's query-key path); layer and head swaps
-    always overwrite ``hook_z`` with the running mean of the values, equal to the pattern
+    always overwrite ``hook_z`` with the mean of the values over the reachable keys, equal to the pattern
     method to 1e-5. ``progress`` shows a tqdm bar over the swaps, with an ETA.
+
+    Each row (:class:`SwapEffect`) carries the counts its means are over: ``n_predicted``
+    (positions with a next real token: the loss) and ``n_positions`` (all real tokens: KL,
+    top-1 agreement, cosine).
     """
     bad = set(units) - {"all", "layer", "head"}
     if bad or not units:

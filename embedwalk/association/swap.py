@@ -1,9 +1,9 @@
 """Swap attention for uniform causal aggregation: writers that compose with every reader.
 
 Uniform causal aggregation: query ``i`` gives ``1/m`` to each of the ``m`` keys its layer's
-own attention can reach: valid keys ``j <= i`` (pad keys excluded, whichever side the padding
-is on) and, on a layer with a sliding window ``w`` (Mistral, Gemma-2's sliding layers,
-GPT-Neo's local layers; :meth:`ModelAdapter.attention_window`), only ``i - j < w``.
+own attention can reach, as :meth:`ModelAdapter.reach` answers it: valid keys ``j <= i``
+(pad keys excluded, whichever side the padding is on) and, on a layer with a sliding window
+``w`` (Mistral, Gemma-2/3's sliding layers, GPT-Neo's local layers), only ``i - j < w``.
 ``keys="prefix"`` ignores the window and averages over every valid ``j <= i``. The
 ``exclude_self`` variant averages the reachable keys ``j < i``; the first real position has
 no earlier key, so it falls back to attending to itself (weight 1), which keeps every row a
@@ -20,10 +20,10 @@ Two ways to apply it, equal to 1e-5:
   (:func:`embedwalk.association.probes.attention_routes`), not by a list of class names;
   there the written pattern is applied exactly as attention would, ``z = pattern @ v`` at
   ``hook_z``, and the pattern seen at ``hook_pattern`` is overwritten in place with it.
-- ``method="fast"`` computes ``z`` as the masked running mean of the values (a cumulative
-  sum over reachable keys divided by their count), expanded to the query heads for
+- ``method="fast"`` computes ``z`` as the mean of the values over the reachable keys (the
+  uniform pattern times the values, :func:`uniform_z`), expanded to the query heads for
   grouped-query attention. A layer whose heads are all swapped runs a bypass forward
-  (:mod:`embedwalk.mixing`): values, running mean, output projection, and no queries, keys,
+  (:mod:`embedwalk.mixing`): values, their mean over the reachable keys, output projection, and no queries, keys,
   rotary, scores or softmax at all, which makes the swapped model cheaper than the plain one.
   ``hook_v``, ``hook_z`` and the attention output hooks still fire there. Each model is
   checked once (:func:`embedwalk.association.probes.bypass_exact`) that the bypass gives the
@@ -97,35 +97,37 @@ def resolve_targets(adapter: ModelAdapter, targets: Targets = "all") -> dict[int
     return {layer: sorted(heads) for layer, heads in sorted(out.items())}
 
 
-def _reachable(mask: Tensor, exclude_self: bool, window: Optional[int]) -> Tensor:
-    """``[batch, q, k]``: the keys query ``i`` averages over."""
-    pos = mask.shape[-1]
-    idx = torch.arange(pos, device=mask.device)
-    gap = idx[:, None] - idx[None, :]  # i - j
-    causal = (gap > 0) if exclude_self else (gap >= 0)
-    if window is not None:
-        causal = causal & (gap < window)
-    allowed = causal[None] & mask[:, None, :]
-    if exclude_self:
-        empty = ~allowed.any(-1)
-        allowed = allowed | (empty[..., None] & torch.eye(pos, dtype=torch.bool, device=mask.device))
-    return allowed
+def _check_reach(reach, what: str) -> Tensor:
+    if not isinstance(reach, Tensor) or reach.ndim != 3 or reach.shape[-1] != reach.shape[-2]:
+        raise EmbedwalkError(
+            f"{what} takes reach, a [batch, query, key] boolean tensor (True where query q may attend key "
+            f"k), got {getattr(reach, 'shape', type(reach).__name__)}; build it with "
+            "adapt(model).reach(layer, mask) from the [batch, pos] padding mask (this argument was the "
+            "mask itself before the sliding window moved into ModelAdapter.reach)"
+        )
+    return reach.bool()
 
 
 def uniform_pattern(
-    mask: Bool[Tensor, "batch pos"],
+    reach: Bool[Tensor, "batch q k"],
     *,
     exclude_self: bool = False,
-    window: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Float[Tensor, "batch q k"]:
-    """The uniform causal pattern over valid keys; rows of queries with no valid key are zero
-    (left padding), and with ``exclude_self`` a query with no earlier valid key attends to itself.
-
-    ``window``: a sliding window (query ``i`` reaches keys ``i - window < j <= i``, positions of
-    the padded sequence as the model masks them); None for the whole prefix.
+    """The uniform pattern over the keys each query reaches: ``1/m`` on each of its ``m``
+    reachable keys. ``reach`` is :meth:`ModelAdapter.reach` of the layer (causal, padding, the
+    layer's sliding window). A row that reaches no key (a left-padding query) is zero. With
+    ``exclude_self`` the query's own position is left out; a query whose only reachable key is
+    itself (the first real token) keeps weight 1 on itself, so every real row stays a
+    distribution. Raises EmbedwalkError when ``reach`` is not ``[batch, q, k]``.
     """
-    weights = _reachable(mask, exclude_self, window).to(torch.float32)
+    allowed = _check_reach(reach, "uniform_pattern")
+    if exclude_self:
+        eye = torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+        own = allowed & eye
+        allowed = allowed & ~eye
+        allowed = allowed | (own & ~allowed.any(-1, keepdim=True))
+    weights = allowed.to(torch.float32)
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
     return weights.to(dtype)
 
@@ -135,44 +137,61 @@ def _heads_view(x: Tensor, n: int) -> Tensor:
     return x.reshape(*x.shape[:2], n, -1) if x.ndim == 3 else x
 
 
-def _windowed(total: Tensor, window: int) -> Tensor:
-    # Sum over the last ``window`` positions from a cumulative sum along dim 1.
-    before = torch.zeros_like(total)
-    before[:, window:] = total[:, :-window]
-    return total - before
+def _interval(reach: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """``(first, count)``, each ``[batch, q]``, when every row of ``reach`` is the real keys of
+    one interval ``[first, q]`` (causal attention, padding, sliding windows), so that its mean
+    is a difference of running sums; None for any other shape. A real key is one its own query
+    reaches (the diagonal)."""
+    r8 = reach.view(torch.uint8)  # a view: bool and uint8 share the bytes
+    real = reach.diagonal(dim1=-2, dim2=-1)  # [b, k]
+    count = r8.sum(-1, dtype=torch.int32)
+    first = r8.argmax(-1)  # the first True; 0 for a row that reaches nothing (count 0)
+    if bool((reach & ~real[:, None, :]).any()) or bool(torch.triu(r8, diagonal=1).any()):
+        return None  # a pad key, or a key after the query
+    # every reached key is real and in [first, q]: the row is the interval iff it has them all
+    cum = torch.cat([real.new_zeros(real.shape[0], 1, dtype=torch.int32), torch.cumsum(real, -1, dtype=torch.int32)], -1)
+    inside = cum[:, 1:] - cum.gather(1, first)  # real keys in [first, q]
+    if not torch.equal(torch.where(count > 0, inside, 0), count):
+        return None
+    return first, count
 
 
 def uniform_z(
     v: Float[Tensor, "batch pos kv_heads_or_flat ..."],
-    mask: Bool[Tensor, "batch pos"],
+    reach: Bool[Tensor, "batch q k"],
     n_heads: int,
     n_kv_heads: int,
     *,
     exclude_self: bool = False,
-    window: Optional[int] = None,
 ) -> Float[Tensor, "batch pos n_heads d_head"]:
-    """What ``hook_z`` would be under uniform aggregation: the masked running mean of ``v``
-    (over the last ``window`` positions when the layer slides).
+    """What ``hook_z`` would be under uniform aggregation: the values averaged with
+    :func:`uniform_pattern` of ``reach`` (the same keys, the same ``exclude_self`` rule),
+    returned in float32.
 
-    Summed in float32 (float64 for a window, whose sums are differences of running sums; a
-    running sum over hundreds of keys loses bits in 16-bit types) and returned in float32;
-    grouped-query heads are expanded as TL and HF do (head ``h`` reads key-value head
-    ``h // (n_heads // n_kv_heads)``).
+    When every query reaches the real keys of one interval ending at itself (causal attention,
+    padding, sliding windows: every ``reach`` :meth:`ModelAdapter.reach` gives today), the mean
+    is a difference of running sums, O(pos) instead of the O(pos^2) pattern product; summed in
+    float64 so that the difference of two long running sums keeps float32's precision. Any
+    other ``reach`` (and any on MPS, which has no float64) takes the pattern product in float32. Grouped-query heads are expanded as
+    TL and HF do (head ``h`` reads key-value head ``h // (n_heads // n_kv_heads)``).
     """
-    acc = torch.float64 if window is not None else torch.float32
-    v4 = _heads_view(v, n_kv_heads).to(acc)
-    m = mask.to(device=v.device, dtype=acc)[:, :, None, None]
-    total = torch.cumsum(v4 * m, dim=1)
-    count = torch.cumsum(m, dim=1)
-    if window is not None:
-        total, count = _windowed(total, window), _windowed(count, window)
-    if exclude_self:
-        total, count = total - v4 * m, count - m
-        first = count == 0  # no earlier reachable key: the query keeps its own value
-        mean = torch.where(first, v4, total / count.clamp_min(1.0))
+    reach = _check_reach(reach, "uniform_z").to(v.device)
+    v4 = _heads_view(v, n_kv_heads)
+    interval = _interval(reach) if v.device.type != "mps" else None  # MPS has no float64
+    if interval is None:
+        mean = torch.einsum("bqk,bkhd->bqhd", uniform_pattern(reach, exclude_self=exclude_self), v4.to(torch.float32))
     else:
-        mean = total / count.clamp_min(1.0)
-    mean = mean.to(torch.float32)
+        first, count = interval
+        real = reach.diagonal(dim1=-2, dim2=-1)[:, :, None, None]
+        x = v4.to(torch.float64) * real
+        total = torch.cat([torch.zeros_like(x[:, :1]), torch.cumsum(x, dim=1)], dim=1)  # total[j] = sum_{k<j}
+        count = count.to(torch.float64)[:, :, None, None]
+        sums = total[:, 1:] - total.gather(1, first[:, :, None, None].expand(-1, -1, *x.shape[2:]))
+        if exclude_self:
+            only_self = real & (count == 1)  # the first real token keeps its own value
+            sums, count = sums - x, count - real.to(torch.float64)
+            sums, count = torch.where(only_self, x, sums), torch.where(only_self, 1.0, count)
+        mean = torch.where(count > 0, sums / count.clamp_min(1.0), 0.0).to(torch.float32)  # no key: zero, as the pattern
     if n_heads != n_kv_heads:
         mean = mean.repeat_interleave(n_heads // n_kv_heads, dim=2)
     return mean
@@ -188,8 +207,8 @@ class UniformSwap(Writer):
     ``"prefix"`` averages over every valid key ``j <= i`` even beyond the window.
     ``exclude_self``: average over earlier reachable keys only. ``pattern_fn``: a user pattern
     ``fn(mask, layer) -> [batch, q, k] or [batch, n_heads, q, k]`` (pattern method only; it
-    may put no weight on future or pad keys). ``method``: ``"fast"`` (the running mean of the
-    values; fully swapped layers are bypassed, see the module docstring) or ``"pattern"``
+    may put no weight on future or pad keys). ``method``: ``"fast"`` (the mean of the values over the
+    reachable keys; fully swapped layers are bypassed, see the module docstring) or ``"pattern"``
     (the pattern written at ``hook_pattern``; on attention classes where an edit there cannot
     reach the output, ``z = pattern @ v`` is written at ``hook_z`` instead, see the module
     docstring).
@@ -231,13 +250,14 @@ class UniformSwap(Writer):
             self._resolved = (key, resolve_targets(adapter, self.targets))
         return self._resolved[1]
 
-    def window(self, adapter: ModelAdapter, layer: int) -> Optional[int]:
-        """The sliding window this swap averages within at ``layer`` (None: the whole prefix)."""
-        return adapter.attention_window(layer) if self.keys == "reachable" else None
+    def reach(self, adapter: ModelAdapter, layer: int, mask: Tensor) -> Tensor:
+        """``[batch, q, k]``: the keys this swap averages over at ``layer``: the layer's own
+        :meth:`ModelAdapter.reach`, or with ``keys="prefix"`` the same without its window."""
+        return adapter.reach(layer, mask, window=self.keys == "reachable")
 
     def _mix(self, v: Tensor, mask: Tensor, adapter: ModelAdapter, layer: int) -> Tensor:
-        return uniform_z(v, mask, adapter.n_heads, adapter.n_kv_heads, exclude_self=self.exclude_self,
-                         window=self.window(adapter, layer))
+        return uniform_z(v, self.reach(adapter, layer, mask.to(v.device)), adapter.n_heads, adapter.n_kv_heads,
+                         exclude_self=self.exclude_self)
 
     def bypasses(self, adapter: ModelAdapter, *, watched, taken, ctx) -> list[Bypass]:
         out = []
@@ -325,7 +345,7 @@ class UniformSwap(Writer):
     def _pattern(self, mask: Tensor, layer: int, adapter: ModelAdapter, shape: tuple) -> Tensor:
         b, n_heads, q, k = shape
         if self.pattern_fn is None:
-            p = uniform_pattern(mask, exclude_self=self.exclude_self, window=self.window(adapter, layer))
+            p = uniform_pattern(self.reach(adapter, layer, mask), exclude_self=self.exclude_self)
             return p[:, None].expand(b, n_heads, q, k)
         p = self.pattern_fn(mask, layer)
         if not isinstance(p, Tensor) or p.shape not in ((b, q, k), (b, n_heads, q, k)):
@@ -334,8 +354,7 @@ class UniformSwap(Writer):
                 f"a tensor [batch, q, k] = {(b, q, k)} or [batch, n_heads, q, k] = {(b, n_heads, q, k)}"
             )
         p = (p[:, None] if p.ndim == 3 else p).to(device=mask.device, dtype=torch.float32)
-        idx = torch.arange(k, device=mask.device)
-        allowed = (idx[None, :] <= idx[:, None])[None] & mask[:, None, :]
+        allowed = adapter.reach(layer, mask, window=False)  # a user pattern may look past the window
         leak = (p.abs() * (~allowed)[:, None] * mask[:, None, :, None]).amax()
         if leak > 1e-6:
             raise EmbedwalkError(

@@ -12,9 +12,11 @@ that implements the paper's mechanism
   entropy of the per-token mass inside the set, normalised to [0, 1] by log(#tokens)).
 
 Only *informative* query positions are scored: a nonempty retrieval set that leaves out
-at least one valid key (otherwise any head scores exactly the uniform baseline).
-Attention is renormalised over the keys the mask keeps, so masking out BOS measures
-retrieval among content tokens rather than against an attention sink.
+at least one valid key (otherwise any head scores exactly the uniform baseline). A query's
+keys are those its layer reaches (:meth:`embedwalk.adapter.ModelAdapter.reach`: causal,
+padding, sliding window) that the mask keeps; attention is renormalised over them, so
+masking out BOS measures retrieval among content tokens rather than against an attention
+sink, and the uniform baseline counts only keys the layer can attend to.
 """
 
 from __future__ import annotations
@@ -76,19 +78,43 @@ def graphs_from_tokens(
     return build_priority_graphs(toks[b], labels[b, t], mask=prefix[b, t], vocab_size=vocab_size)
 
 
+def _valid_keys(m: np.ndarray, reach) -> torch.Tensor:
+    """``[b, t, s]``: key s is one query t scores over: reached by the layer and kept by ``m``."""
+    B, P = m.shape
+    mt = torch.from_numpy(m)
+    if reach is None:  # full causal attention
+        return mt[:, None, :] & torch.ones(P, P, dtype=torch.bool).tril()
+    if not isinstance(reach, torch.Tensor) or tuple(reach.shape) != (B, P, P):
+        raise EmbedwalkError(
+            f"reach must be a [batch, query, key] = [{B}, {P}, {P}] boolean tensor, got "
+            f"{tuple(getattr(reach, 'shape', ())) or type(reach).__name__}; build it with "
+            "adapt(model).reach(layer, padding_mask)")
+    return reach.detach().cpu().bool() & mt[:, None, :]
+
+
 def retrieval_mask(
-    tokens: Int[torch.Tensor, "batch pos"], mask: Bool[torch.Tensor, "batch pos"] | None, graphs: PriorityGraphs
+    tokens: Int[torch.Tensor, "batch pos"], mask: Bool[torch.Tensor, "batch pos"] | None, graphs: PriorityGraphs,
+    reach: Bool[torch.Tensor, "batch query key"] | None = None,
 ) -> tuple[Bool[torch.Tensor, "batch query key"], Bool[torch.Tensor, "batch query"]]:
-    """``R[b, t, s]``: key s holds a token of query t's retrieval set; and which queries are scored."""
+    """``R[b, t, s]``: key s holds a token of query t's retrieval set; and which queries are scored.
+
+    A query's candidate keys are those its layer reaches (``reach``, from
+    :meth:`embedwalk.adapter.ModelAdapter.reach`; None: the whole causal prefix, right for a
+    layer without a sliding window) that ``mask`` keeps; the retrieval set is the top-priority
+    tokens among them, and a query is scored when it holds some but not all of them.
+    """
     toks, m = _prepare(tokens, mask)
     B, P = toks.shape
+    valid = _valid_keys(m, reach).numpy()
     R = np.zeros((B, P, P), dtype=bool)
     for b in range(B):
         for t in np.flatnonzero(m[b]):
-            keys = np.flatnonzero(m[b, : t + 1])
+            keys = np.flatnonzero(valid[b, t])
+            if keys.size == 0:
+                continue
             top = graphs.retrieval_set(toks[b, keys], last=toks[b, t])
             R[b, t, keys] = np.isin(toks[b, keys], top)
-    n_valid = np.cumsum(m, axis=1)  # valid keys at or before each query
+    n_valid = valid.sum(-1)  # keys query t scores over
     n_top = R.sum(-1)
     scored = m & (n_top > 0) & (n_top < n_valid)
     return torch.from_numpy(R), torch.from_numpy(scored)
@@ -100,8 +126,15 @@ def retrieval_scores(
     mask: Bool[torch.Tensor, "batch pos"] | None,
     graphs: PriorityGraphs,
     retrieval: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reach: Bool[torch.Tensor, "batch query key"] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-head hard-retrieval and soft-composition scores of one layer's attention.
+
+    ``reach``: the keys the layer reaches (:meth:`embedwalk.adapter.ModelAdapter.reach` of the
+    layer and the padding mask; None: the whole causal prefix). Attention is renormalised over
+    the reached keys ``mask`` keeps, and ``uniform`` is the share of those keys in the retrieval
+    set, so a head attending uniformly over what its layer reaches scores ``ratio`` = 1
+    exactly, sliding window or not.
 
     Returns ``mass``, ``uniform``, ``ratio`` (= mass / uniform, of the means),
     ``difference`` (= mass - uniform), ``spread`` (each ``[head]``, averaged over scored
@@ -116,9 +149,8 @@ def retrieval_scores(
             f"pattern must be [batch, head, query_pos, key_pos] = [{B}, H, {P}, {P}] to match tokens; "
             f"got {tuple(pattern.shape)} (TransformerLens: cache['pattern', layer])."
         )
-    R, scored = retrieval if retrieval is not None else retrieval_mask(toks, m, graphs)
-    mt = torch.from_numpy(m)
-    valid = mt[:, None, :] & torch.ones(P, P, dtype=torch.bool).tril()  # [b, t, s]
+    R, scored = retrieval if retrieval is not None else retrieval_mask(toks, m, graphs, reach)
+    valid = _valid_keys(m, reach)  # [b, t, s]
     p = pattern.detach().to(torch.float64) * valid[:, None]
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
 
@@ -241,12 +273,22 @@ def score_heads(
     tokens: Int[torch.Tensor, "batch pos"],
     mask: Bool[torch.Tensor, "batch pos"] | None,
     graphs: PriorityGraphs,
+    reach: Mapping[int, torch.Tensor] | None = None,
 ) -> HeadPriorityResult:
-    """:func:`retrieval_scores` for every layer; ``patterns`` per layer (list, dict or stacked)."""
+    """:func:`retrieval_scores` for every layer; ``patterns`` per layer (list, dict or stacked).
+
+    ``reach``: per layer, the keys it reaches (``{layer: adapt(model).reach(layer, mask)}``);
+    a layer missing from it, or ``reach=None``, scores over the whole causal prefix."""
     items = list(patterns.items()) if isinstance(patterns, Mapping) else list(enumerate(patterns))
     if not items:
         raise EmbedwalkError("no attention patterns given.")
-    retrieval = retrieval_mask(tokens, mask, graphs)
-    per_layer = [retrieval_scores(p, tokens, mask, graphs, retrieval=retrieval) for _, p in items]
+    reach = dict(reach or {})
+    retrievals: dict = {}
+    per_layer = []
+    for layer, p in items:
+        r = reach.get(layer)
+        if id(r) not in retrievals:
+            retrievals[id(r)] = retrieval_mask(tokens, mask, graphs, r)
+        per_layer.append(retrieval_scores(p, tokens, mask, graphs, retrieval=retrievals[id(r)], reach=r))
     scores = {k: torch.stack([s[k] for s in per_layer]) for k in per_layer[0]}
     return HeadPriorityResult(scores, [int(layer) for layer, _ in items])

@@ -48,6 +48,8 @@ class HeadPriorityReader(Reader):
     def start(self, adapter: ModelAdapter) -> None:
         layers = range(adapter.n_layers) if self.layers is None else self.layers
         self._layers = [adapter.check_layer(layer) for layer in layers]
+        for layer in self._layers:  # an architecture whose keys cannot be known is refused before any forward
+            adapter.reach(layer, torch.ones(1, 1, dtype=torch.bool))
         self._hooks = {adapter.hook("pattern", layer): i for i, layer in enumerate(self._layers)}
         shape = (len(self._layers), adapter.n_heads)
         self._sums = {k: torch.zeros(shape, dtype=torch.float64) for k in ("mass", "uniform", "spread")}
@@ -58,13 +60,21 @@ class HeadPriorityReader(Reader):
         return list(self._hooks)
 
     def read(self, name: str, value: Tensor, ctx: Context) -> None:
+        i = self._hooks[name]
+        a = ctx.adapter
         if "priority" not in ctx.state:
             tokens = ctx.batch.tokens.cpu()
-            mask = _score_mask(ctx.adapter, tokens, ctx.batch.mask.cpu(), self.exclude_bos)
-            ctx.state["priority"] = (tokens, mask, retrieval_mask(tokens, mask, self.graphs))
-        tokens, mask, retrieval = ctx.state["priority"]
-        s = retrieval_scores(value.float().cpu(), tokens, mask, self.graphs, retrieval=retrieval)
-        i = self._hooks[name]
+            ctx.state["priority"] = (tokens, _score_mask(a, tokens, ctx.batch.mask.cpu(), self.exclude_bos))
+        tokens, mask = ctx.state["priority"]
+        # The keys this layer reaches (its sliding window too); layers that reach the same keys
+        # share the retrieval sets, which cost a Python loop over positions.
+        reach = a.reach(self._layers[i], ctx.batch.mask.cpu())
+        known = ctx.state.setdefault("priority_reach", [])
+        retrieval = next((r for seen, r in known if torch.equal(seen, reach)), None)
+        if retrieval is None:
+            retrieval = retrieval_mask(tokens, mask, self.graphs, reach)
+            known.append((reach, retrieval))
+        s = retrieval_scores(value.float().cpu(), tokens, mask, self.graphs, retrieval=retrieval, reach=reach)
         n = s["n_positions"].double()
         if n[0] == 0:
             return
@@ -108,7 +118,13 @@ def head_priority(
 
     Graphs come from ``graph_inputs`` (default: ``inputs`` themselves), keyed on the query
     token with the next token as label. ``ratio`` > 1 means a head prefers the tokens the
-    priority graph predicts over what uniform causal aggregation would give them.
+    priority graph predicts over what uniform causal aggregation would give them; the uniform
+    baseline and the candidate keys are those each layer reaches
+    (:meth:`ModelAdapter.reach`: causal, padding, sliding window), so a head attending
+    uniformly over them scores ``ratio`` = 1 on every layer.
+
+    Raises EmbedwalkError when no position can be scored, and ArchitectureError where a
+    layer's reachable keys are unknown (chunked attention, attention sinks).
     """
     adapter = adapt(model)
     source = inputs if graph_inputs is None else graph_inputs
