@@ -177,10 +177,17 @@ def batches(
     progress: Optional[bool] = None,
     desc: str = "embedwalk",
 ) -> Iterator[Batch]:
-    """Yield batches of at most ``batch_size`` prompts, with a progress bar when there are several.
+    """Yield batches of at most ``batch_size`` prompts, with a progress bar.
 
     Strings are tokenized one batch at a time so a long collection never sits in memory
     as a single padded tensor.
+
+    The bar counts prompts and appears once the call has run
+    :func:`embedwalk.progress.show_after` seconds, however many batches there are: while a
+    batch is out, it is the current :class:`~embedwalk.progress.BatchWork`, which ``run`` and
+    the readers advance as they work through it. Inside a
+    :func:`~embedwalk.progress.progress_scope` the scope's bar is advanced instead.
+    ``progress=False`` shows nothing; True shows the bar at once.
     """
     if batch_size < 1:
         raise EmbedwalkError(f"batch_size must be at least 1, got {batch_size}")
@@ -211,17 +218,18 @@ def batches(
                 yield t, m, i
 
         source = source_fn()
-    from embedwalk.progress import SILENT, ambient, progress_bar
+    from embedwalk.progress import SILENT, BatchWork, ambient, current_work, progress_bar, set_work
 
-    n_batches = -(-n // batch_size)
     outer = ambient()
     if outer is not None:  # inside a call's own bar: advance it (or stay silent with it)
         bar = None if outer is SILENT or progress is False else outer
         owned = False
     else:
-        show = (n_batches > 1) if progress is None else progress
-        bar = progress_bar(total=n, desc=desc, unit="prompt", progress=True) if show else None
+        # Every call has a bar, even of one batch: it stays hidden until the call has run
+        # show_after() seconds, and the batch's share advances inside the batch.
+        bar = None if progress is False else progress_bar(total=n, desc=desc, unit="prompt", progress=progress, fractional=True)
         owned = True
+    enclosing = current_work()
     try:
         for tokens, mask, start in source:
             prompt = torch.arange(start, start + tokens.shape[0])
@@ -229,9 +237,12 @@ def batches(
             keep = mask.any(0)
             if not keep.all():
                 tokens, mask = tokens[:, keep], mask[:, keep]
+            work = BatchWork(bar, tokens.shape[0]) if bar is not None else None
+            set_work(work)
             yield Batch(tokens, mask, prompt)
-            if bar is not None:
-                bar.update(tokens.shape[0])
+            if work is not None:
+                work.finish()
     finally:
+        set_work(enclosing)
         if bar is not None and owned:
             bar.close()

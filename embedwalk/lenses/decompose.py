@@ -363,6 +363,7 @@ def decompose(
     by_source: bool = True,
     attention_mask: Optional[Tensor] = None,
     prepend_bos: Optional[bool] = None,
+    progress: Optional[bool] = None,
 ) -> DecompositionResult:
     """Decompose the residual of one prompt at ``layer``/``position`` exactly into its parts.
 
@@ -373,6 +374,9 @@ def decompose(
     bias and unembedding bias rows, sum to the logit that the model's readout gives that
     vector (at the last layer's ``post``: the model's own logit; before a soft-cap, see the
     module docstring).
+
+    ``progress``: None shows a bar with an ETA once the call has run 5 s
+    (:func:`embedwalk.progress.show_after`), True at once, False never.
 
     Raises :class:`~embedwalk.errors.ArchitectureError` for ``stage="mid"`` on a parallel
     block (no ``resid_mid`` exists) and for blocks whose heads do not add up to their
@@ -400,7 +404,8 @@ def decompose(
     position %= n
     reader = DecompositionReader(layer, stage, position, by_source)
     final_logits = []
-    (got,) = run(model, tokens, readers=[reader], on_logits=lambda lg, ctx: final_logits.append(lg[0, position].detach()))
+    (got,) = run(model, tokens, readers=[reader], progress=progress,
+                 on_logits=lambda lg, ctx: final_logits.append(lg[0, position].detach()))
     token_id = int(final_logits[0].argmax()) if token is None else a.token_id(token)
 
     attn_layers, mlp_layers = reader._layers(a)
