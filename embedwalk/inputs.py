@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -10,9 +11,9 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from embedwalk.adapter import ModelAdapter
-from embedwalk.errors import EmbedwalkError
+from embedwalk.errors import EmbedwalkError, EmbedwalkWarning
 
-__all__ = ["Batch", "Inputs", "batches", "tokenize", "refuse_unknown"]
+__all__ = ["Batch", "Inputs", "batches", "tokenize", "refuse_unknown", "require_device", "warn_if_spaced_likelier"]
 
 Inputs = Union[str, Sequence[str], Tensor]
 
@@ -84,6 +85,45 @@ def refuse_unknown(adapter: ModelAdapter, text: str, ids: Tensor, what: str = "i
     )
 
 
+def require_device(adapter: ModelAdapter, tensor: Tensor, what: str) -> None:
+    """Refuse a user tensor whose values embedwalk cannot read or should not silently copy: one
+    on ``meta`` (shapes without data) or on an accelerator other than the model's. CPU tensors
+    are always fine: each batch is moved to the model's device."""
+    dev, model_dev = tensor.device, torch.device(adapter.device)
+    # "cuda" (the current device) and "cuda:0" count as the same device.
+    same = dev.type == model_dev.type and (dev.index is None or model_dev.index is None or dev.index == model_dev.index)
+    if dev.type == "cpu" or same:
+        return
+    why = ("a meta tensor has a shape but no values, so there are no token ids to read"
+           if dev.type == "meta" else "it is neither on the CPU nor on the model's device")
+    fix = ("build it with real values (e.g. adapter.to_tokens(text) or torch.tensor(ids))" if dev.type == "meta"
+           else f"move it with .to({str(model_dev)!r}) or .cpu()")
+    raise EmbedwalkError(f"{what} is on device {str(dev)!r} but the model is on {str(model_dev)!r}: {why}; {fix}")
+
+
+def warn_if_spaced_likelier(adapter: ModelAdapter, token, logp: Tensor, where: str) -> None:
+    """Warn when ``token`` is a string without a leading space whose spaced form is a token of
+    its own that the model finds far likelier: ``token="Paris"`` where the model writes
+    " Paris". ``logp`` is ``[rows, 2]``: the model's own next-token log-probs of the given and
+    of the spaced token (:meth:`ModelAdapter.spaced_token_id`) at the positions concerned; the
+    median over rows decides. A factor of 10 separates a choice from a slip: after a complete
+    word the two forms of a word differ by orders of magnitude."""
+    spaced = adapter.spaced_token_id(token) if isinstance(token, str) else None
+    if spaced is None or logp.numel() == 0:
+        return
+    gap = float((logp[:, 1].double() - logp[:, 0].double()).median())
+    if gap > math.log(10):
+        import warnings
+
+        warnings.warn(
+            f"{where}={token!r} is token {adapter.token_id(token)}, which the model finds {math.exp(gap):.3g}x "
+            f"less likely than {' ' + token!r} (token {spaced}, with the leading space a word after a space "
+            f"carries); pass {where}={' ' + token!r} if you meant the word",
+            EmbedwalkWarning,
+            stacklevel=3,
+        )
+
+
 def _bos_alone(adapter: ModelAdapter, text: str, ids: Tensor) -> bool:
     """True when ``text`` tokenized to nothing but BOS tokens it did not spell out itself (the
     tokenizer dropped all of it: whitespace on a word-level model)."""
@@ -105,6 +145,9 @@ def tokenize(
 ) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
     """Token ids and a boolean mask for a string, a list of strings or a token tensor."""
     if isinstance(inputs, Tensor):
+        require_device(adapter, inputs, "the token ids")
+        if attention_mask is not None:
+            require_device(adapter, attention_mask, "attention_mask")
         tokens = inputs
         if tokens.ndim == 1:
             tokens = tokens[None]

@@ -42,7 +42,7 @@ from torch import Tensor
 from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
-from embedwalk.inputs import Inputs, tokenize
+from embedwalk.inputs import Inputs, tokenize, warn_if_spaced_likelier
 from embedwalk.run import Context, Reader, run
 
 __all__ = ["DecompositionResult", "DecompositionReader", "decompose", "frozen_final_norm"]
@@ -407,6 +407,10 @@ def decompose(
     (got,) = run(model, tokens, readers=[reader], progress=progress,
                  on_logits=lambda lg, ctx: final_logits.append(lg[0, position].detach()))
     token_id = int(final_logits[0].argmax()) if token is None else a.token_id(token)
+    spaced = a.spaced_token_id(token) if isinstance(token, str) else None
+    if spaced is not None:  # token="Paris" where the model writes " Paris": the DLA of a slip
+        lp = final_logits[0].float().log_softmax(-1)
+        warn_if_spaced_likelier(a, token, lp[[token_id, spaced]][None].cpu(), "token")
 
     attn_layers, mlp_layers = reader._layers(a)
     parts, kinds, pl, ph = [], [], [], []

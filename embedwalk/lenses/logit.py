@@ -39,7 +39,7 @@ from embedwalk import progress as _progress
 from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
 from embedwalk.errors import EmbedwalkError
-from embedwalk.inputs import Inputs, tokenize
+from embedwalk.inputs import Inputs, require_device, tokenize, warn_if_spaced_likelier
 from embedwalk.reduce import VocabAccumulator, _blocksum, fused_available
 from embedwalk.run import Context, Reader, run
 
@@ -686,6 +686,8 @@ def _target_table(adapter: ModelAdapter, inputs: Inputs, attention_mask, targets
     if isinstance(targets, (int, str)) and not isinstance(targets, bool):
         tid = adapter.token_id(targets)
         return lambda prompt, n: torch.full((n,), tid)
+    if isinstance(targets, Tensor):
+        require_device(adapter, targets, "targets")
     if isinstance(targets, Tensor) and targets.ndim == 2:
         tokens, mask = tokenize(adapter, inputs, attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
         if targets.shape != tokens.shape:
@@ -773,8 +775,20 @@ def logit_lens(
         positions=positions, target_table=table, top_k=top_k, mid=mid, readouts=readouts,
         translator=translator, chunk_size=chunk_size, fused=fused,
     )
+    # A target word without its leading space ("Paris" for " Paris") reads the wrong token
+    # everywhere: compare the two under the model's own logits, at the real positions.
+    spaced = adapter.spaced_token_id(targets) if isinstance(targets, str) else None
+    pairs: list[Tensor] = []
+
+    def on_logits(logits, ctx):
+        lp = logits.float().log_softmax(-1)[ctx.batch.mask.to(logits.device)]
+        pairs.append(lp[:, [adapter.token_id(targets), spaced]].cpu())
+
     (result,) = run(
         model, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size,
         prepend_bos=prepend_bos, padding_side=padding_side, progress=progress,
+        on_logits=on_logits if spaced is not None else None,
     )
+    if pairs:
+        warn_if_spaced_likelier(adapter, targets, torch.cat(pairs), "targets")
     return result
