@@ -231,6 +231,16 @@ def batches(
     the readers advance as they work through it. Inside a
     :func:`~embedwalk.progress.progress_scope` the scope's bar is advanced instead.
     ``progress=False`` shows nothing; True shows the bar at once.
+
+    Args:
+        adapter: the model's :class:`ModelAdapter`.
+        inputs: a string, a list of strings, or token ids ``[batch, pos]``.
+        attention_mask: with token ids only: True (1) on real tokens.
+        batch_size: prompts per batch.
+        prepend_bos: passed to the tokenizer (None: the model's default).
+        padding_side: "left" or "right" (None: the tokenizer's).
+        progress: None (bar after the delay), True (at once) or False (none).
+        desc: the bar's label.
     """
     if batch_size < 1:
         raise EmbedwalkError(f"batch_size must be at least 1, got {batch_size}")
@@ -273,6 +283,7 @@ def batches(
         bar = None if progress is False else progress_bar(total=n, desc=desc, unit="prompt", progress=progress, fractional=True)
         owned = True
     enclosing = current_work()
+    work = None
     try:
         for tokens, mask, start in source:
             prompt = torch.arange(start, start + tokens.shape[0])
@@ -286,6 +297,9 @@ def batches(
             if work is not None:
                 work.finish()
     finally:
-        set_work(enclosing)
+        # A generator left unfinished closes when collected, perhaps amid another call's
+        # batches: hand back the enclosing share only if ours is still the current one.
+        if current_work() is work:
+            set_work(enclosing)
         if bar is not None and owned:
             bar.close()

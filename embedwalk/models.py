@@ -223,8 +223,8 @@ def load_model(
     but not those of the original checkpoint on the Hugging Face hub. Its tokenizer prepends
     the BOS token ``<|im_start|>`` (id 1) to every prompt, as TransformerLens's
     ``prepend_bos`` does by default, so position 0 of every result is ``<|im_start|>``; no
-    chat template is applied. The model's ``cfg.model_name`` is
-    ``"SmolLM2-135M-Instruct.Q4_1"``.
+    chat template is applied. A bridge's ``cfg.model_name`` is ``"SmolLM2-135M-Instruct.Q4_1"``
+    (a HookedTransformer built by :func:`hooked_from_hf` says ``"custom"``).
 
     Args:
         source: ``"smollm2"``, a ``.gguf`` file, a Hugging Face folder, a hub name (needs a

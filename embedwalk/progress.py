@@ -143,7 +143,9 @@ def _tqdm_class():
 def progress_scope(total: int, desc: str, *, unit: str = "prompt", progress: Optional[bool] = None) -> Iterator:
     """One bar of ``total`` ``unit`` for a call made of several passes: inside the scope,
     :func:`embedwalk.inputs.batches` advances it by the prompts of each batch instead of
-    showing bars of its own. ``progress=False`` silences everything inside."""
+    showing bars of its own, and each batch's share advances within the batch. Like every
+    bar it appears once the call has run :func:`show_after` seconds (``progress=True``: at
+    once); ``progress=False`` silences everything inside."""
     outer = _AMBIENT.get()
     if outer is not None:  # already inside a scope: the outer bar keeps counting
         yield outer

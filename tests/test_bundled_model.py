@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 
 import embedwalk as ew
+from embedwalk.testing import installed_generation
 from embedwalk.models import SMOLLM2_ABOUT, SMOLLM2_FILE, smollm2_gguf_path
 
+GENERATION = installed_generation()
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 FACTS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "float32", "<|im_start|>"]
 
@@ -32,4 +34,5 @@ def test_what_is_said_about_the_bundled_model_is_true(smollm2):
     lens = ew.logit_lens(smollm2, ["The capital of France is", "One, two"], readouts=[0], progress=False)
     first = lens.token[lens.pos == 0]
     assert first.tolist() == [1, 1]  # every prompt starts with <|im_start|>
-    assert smollm2.cfg.model_name == "SmolLM2-135M-Instruct.Q4_1"
+    # the bridge keeps the file's name; hooked_from_hf builds a "custom" HookedTransformer
+    assert smollm2.cfg.model_name == ("SmolLM2-135M-Instruct.Q4_1" if GENERATION == "bridge" else "custom")
