@@ -104,9 +104,10 @@ def require_device(adapter: ModelAdapter, tensor: Tensor, what: str) -> None:
 def warn_if_spaced_likelier(adapter: ModelAdapter, token, logp: Tensor, where: str) -> None:
     """Warn when ``token`` is a string without a leading space whose spaced form is a token of
     its own that the model finds far likelier: ``token="Paris"`` where the model writes
-    " Paris". ``logp`` is ``[rows, 2]``: the model's own next-token log-probs of the given and
-    of the spaced token (:meth:`ModelAdapter.spaced_token_id`) at the positions concerned; the
-    median over rows decides. A factor of 10 separates a choice from a slip: after a complete
+    " Paris". ``logp`` is ``[rows, 2]``: the model's own next-token log-probs (or logits: only
+    their difference counts) of the given and of the spaced token
+    (:meth:`ModelAdapter.spaced_token_id`) at the positions concerned; the median over rows
+    decides. A factor of 10 separates a choice from a slip: after a complete
     word the two forms of a word differ by orders of magnitude."""
     spaced = adapter.spaced_token_id(token) if isinstance(token, str) else None
     if spaced is None or logp.numel() == 0:

@@ -409,8 +409,7 @@ def decompose(
     token_id = int(final_logits[0].argmax()) if token is None else a.token_id(token)
     spaced = a.spaced_token_id(token) if isinstance(token, str) else None
     if spaced is not None:  # token="Paris" where the model writes " Paris": the DLA of a slip
-        lp = final_logits[0].float().log_softmax(-1)
-        warn_if_spaced_likelier(a, token, lp[[token_id, spaced]][None].cpu(), "token")
+        warn_if_spaced_likelier(a, token, final_logits[0][[token_id, spaced]][None].float().cpu(), "token")
 
     attn_layers, mlp_layers = reader._layers(a)
     parts, kinds, pl, ph = [], [], [], []

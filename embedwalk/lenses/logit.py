@@ -781,8 +781,10 @@ def logit_lens(
     pairs: list[Tensor] = []
 
     def on_logits(logits, ctx):
-        lp = logits.float().log_softmax(-1)[ctx.batch.mask.to(logits.device)]
-        pairs.append(lp[:, [adapter.token_id(targets), spaced]].cpu())
+        # Two logits per real position: their difference is that of the log-probs, and no
+        # [rows, vocab] log-softmax is formed.
+        two = logits[..., [adapter.token_id(targets), spaced]][ctx.batch.mask.to(logits.device)]
+        pairs.append(two.float().cpu())
 
     (result,) = run(
         model, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size,
