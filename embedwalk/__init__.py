@@ -10,7 +10,7 @@ from embedwalk._lazy import lazy_exports
 
 __all__ = lazy_exports(__name__, {
     "embedwalk.adapter": ["ModelAdapter", "adapt"],
-    "embedwalk.errors": ["ArchitectureError", "EmbedwalkError"],
+    "embedwalk.errors": ["ArchitectureError", "EmbedwalkError", "EmbedwalkWarning"],
     "embedwalk.inputs": ["Batch", "batches", "tokenize"],
     "embedwalk.models": ["load_model"],
     "embedwalk.run": ["Context", "Reader", "Writer", "run"],

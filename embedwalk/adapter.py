@@ -917,15 +917,30 @@ class ModelAdapter:
             ids = self.to_tokens(token, prepend_bos=False)
             if ids.numel() != 1:
                 pieces = self.to_str_tokens(ids)
-                raise EmbedwalkError(
-                    f"{token!r} is {ids.numel()} tokens {pieces}, not one; pass a single-token "
-                    "string (often with a leading space, e.g. ' Paris') or a token id"
-                )
+                spaced = self.spaced_token_id(token)
+                hint = (f"{' ' + token!r}, with the leading space a word after a space carries, is one "
+                        f"token (id {spaced}): pass that" if spaced is not None else
+                        "pass a single-token string (often with a leading space, e.g. ' Paris') or a token id")
+                raise EmbedwalkError(f"{token!r} is {ids.numel()} tokens {pieces}, not one; {hint}")
             from embedwalk.inputs import refuse_unknown
 
             refuse_unknown(self, token, ids, what="token")
             return int(ids[0])
         raise EmbedwalkError(f"a token must be an int id or a one-token string, got {token!r}")
+
+    def spaced_token_id(self, token: str) -> Optional[int]:
+        """The id of ``" " + token`` when ``token`` does not start with whitespace and the spaced
+        form is one token of its own (BPE vocabularies give a word after a space its own
+        token, " Paris", distinct from "Paris"); None otherwise."""
+        if not isinstance(token, str) or not token or token[0].isspace() or self.tokenizer is None:
+            return None
+        spaced = self.to_tokens(" " + token, prepend_bos=False)
+        if spaced.numel() != 1:
+            return None
+        plain = self.to_tokens(token, prepend_bos=False)
+        if plain.numel() == 1 and int(plain[0]) == int(spaced[0]):  # SentencePiece: the same token
+            return None
+        return int(spaced[0])
 
     def to_str_tokens(self, ids) -> list[str]:
         ids = [int(i) for i in (ids.tolist() if isinstance(ids, Tensor) else ids)]

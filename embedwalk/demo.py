@@ -38,6 +38,10 @@ def main(args: argparse.Namespace) -> int:
     model = model_from_args(args)
     adapter = ew.adapt(model)
     print(f"loaded {adapter} in {time.perf_counter() - t0:.1f} s")
+    if str(args.model) == "smollm2":
+        from embedwalk.models import SMOLLM2_ABOUT
+
+        print(f"model: {SMOLLM2_ABOUT}")
 
     result = ew.logit_lens(model, args.prompt, top_k=args.top_k)  # every position: the figure shows them all
     print(f"\nprompt: {args.prompt!r}\nwhere the composite context vector points at the last position, layer by layer:\n")

@@ -10,3 +10,9 @@ class ArchitectureError(EmbedwalkError):
     load-time self-check or by a capability that needs what the architecture lacks. The
     message names the model class, TransformerLens architecture, generation/mode, the check,
     the gap against its tolerance and the suspected reason."""
+
+
+class EmbedwalkWarning(UserWarning):
+    """Input that runs but probably does not mean what was intended (e.g. a target word
+    without the leading space the tokenizer gives words after a space); the message names
+    the likelier reading."""

