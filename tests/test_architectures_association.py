@@ -5,6 +5,8 @@ which the matrix's families do not include."""
 
 import pytest
 import torch
+from tolerance import run_tols
+
 
 import embedwalk as ew
 from architectures_association import Reference, heads_of, hf_logprobs, model_logprobs
@@ -44,8 +46,9 @@ def test_prefix_keys_ignore_the_window(family, mode):
     for method in ("fast", "pattern"):
         prefix = model_logprobs(model, tokens, mask, [UniformSwap(method=method, keys="prefix")])
         reachable = model_logprobs(model, tokens, mask, [UniformSwap(method=method)])
-        assert float((prefix - want)[mask].abs().max()) < 1e-4
-        assert float((prefix - reachable)[mask].abs().max()) > 1e-2
+        tol = run_tols(model, tokens, mask, [UniformSwap(method=method, keys="prefix")])["logprob"]
+        assert float((prefix - want)[mask].abs().max()) <= tol
+        assert float((prefix - reachable)[mask].abs().max()) > 10 * tol
     with pytest.raises(EmbedwalkError, match="keys must be"):
         UniformSwap(keys="window")
 
@@ -90,6 +93,7 @@ def test_mpt_alibi_bypass():
         want = hf_logprobs(hf, tokens, mask)
     assert float((want - hf_logprobs(hf, tokens, mask))[mask].abs().max()) > 0.05
     fast = UniformSwap()
+    tol = run_tols(model, tokens, mask, [UniformSwap(method="pattern")])["logprob"]
     for swap in (fast, UniformSwap(method="pattern")):
-        assert float((model_logprobs(model, tokens, mask, [swap]) - want)[mask].abs().max()) < 1e-4
+        assert float((model_logprobs(model, tokens, mask, [swap]) - want)[mask].abs().max()) <= tol
     assert fast.bypassed_layers(a) == {0, 1}

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import embedwalk as ew
+from tolerance import dot_tol, run_tols
 from embedwalk.association import UniformSwap, resolve_targets, uniform_pattern, uniform_z
 from embedwalk.errors import EmbedwalkError
 from embedwalk.testing import tiny_hf
@@ -70,11 +71,13 @@ def test_all_heads_swapped_equals_hand_run_hf(tiny_arch, side, method, monkeypat
     tokens, mask = ew.tokenize(a, TEXTS, padding_side=side)
     got = _swapped_logits(tiny_arch, tokens, mask, UniformSwap("all", method=method)).log_softmax(-1)
     want = _hf_uniform_logits(_arch(tiny_arch), tokens, mask, monkeypatch).log_softmax(-1)
-    assert torch.allclose(got[mask], want[mask], atol=1e-4)
-    # and the swap changes the model (so the comparison is not trivially of two unchanged models)
+    tol = run_tols(tiny_arch, tokens, mask, [UniformSwap("all", method=method)])["logprob"]
+    assert torch.allclose(got[mask], want[mask], atol=tol, rtol=0)
+    # and the swap changes the model by several tolerances (so the equality above could tell a
+    # swapped model from an unswapped one; the tiny GPT-2's attention is close to uniform)
     with torch.no_grad():
         plain = tiny_arch(tokens, attention_mask=mask.long()).log_softmax(-1)
-    assert (plain[mask] - got[mask]).abs().max() > 1e-3
+    assert (plain[mask] - got[mask]).abs().max() > 4 * tol
 
 
 def test_exclude_self_equals_hand_run_hf(tiny_arch, monkeypatch):
@@ -82,8 +85,10 @@ def test_exclude_self_equals_hand_run_hf(tiny_arch, monkeypatch):
     tokens, mask = ew.tokenize(a, TEXTS, padding_side="left")
     want = _hf_uniform_logits(_arch(tiny_arch), tokens, mask, monkeypatch, exclude_self=True).log_softmax(-1)
     for method in ("fast", "pattern"):
-        got = _swapped_logits(tiny_arch, tokens, mask, UniformSwap(exclude_self=True, method=method))
-        assert torch.allclose(got.log_softmax(-1)[mask], want[mask], atol=1e-4)
+        swap = UniformSwap(exclude_self=True, method=method)
+        got = _swapped_logits(tiny_arch, tokens, mask, swap)
+        tol = run_tols(tiny_arch, tokens, mask, [UniformSwap(exclude_self=True, method=method)])["logprob"]
+        assert torch.allclose(got.log_softmax(-1)[mask], want[mask], atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("targets", ["all", [1], [(0, 1), (1, 3)]])
@@ -92,13 +97,15 @@ def test_fast_path_equals_pattern_replacement(tiny, targets):
     tokens, mask = ew.tokenize(a, TEXTS, padding_side="left")
     fast = _swapped_logits(tiny, tokens, mask, UniformSwap(targets, method="fast"))
     slow = _swapped_logits(tiny, tokens, mask, UniformSwap(targets, method="pattern"))
-    assert torch.allclose(fast[mask], slow[mask], atol=1e-5)
+    tol = run_tols(tiny, tokens, mask, [UniformSwap(targets, method="pattern")])["logit"]
+    assert torch.allclose(fast[mask], slow[mask], atol=tol, rtol=0)
 
 
 def test_fast_equals_pattern_on_smollm2(smollm2):
     """Layer by layer, the z the model computes from the written uniform pattern equals the
-    running mean of its v (what the fast path writes) to 1e-5; end to end, through 30 swapped
-    layers, float32 rounding differences grow but stay small."""
+    running mean of its v (what the fast path writes) to the rounding of a mean over the keys;
+    end to end, through 30 swapped layers, within the forward's rounding (tests/tolerance.py,
+    a loose bound at this depth), and with the same argmax everywhere."""
     text = ["The capital of France is Paris, and the capital of Italy is", "Hello there"]
     a = ew.adapt(smollm2)
     tokens, mask = ew.tokenize(a, text)
@@ -114,15 +121,18 @@ def test_fast_equals_pattern_on_smollm2(smollm2):
                 return
             z = value.reshape(*value.shape[:2], a.n_heads, a.d_head)
             zu = uniform_z(ctx.state["v"], a.reach(int(name.split(".")[1]), ctx.batch.mask), a.n_heads, a.n_kv_heads)
-            worst.append(float((z - zu)[ctx.batch.mask].abs().max()))
+            # a mean of at most T values: within dot_tol of the largest |v|
+            tol = float(dot_tol(ctx.state["v"].abs().max(), z.shape[1]))
+            worst.append(float((z - zu)[ctx.batch.mask].abs().max()) / tol)
 
     slow = []
     ew.run(smollm2, tokens, attention_mask=mask, readers=[Check()], writers=[UniformSwap(method="pattern")],
            on_logits=lambda lg, ctx: slow.append(lg))
-    assert len(worst) == a.n_layers and max(worst) <= 1e-5
+    assert len(worst) == a.n_layers and max(worst) <= 1
     fast = _swapped_logits(smollm2, tokens, mask, UniformSwap(method="fast"))
     slow = torch.cat(slow)
-    assert torch.allclose(fast.log_softmax(-1)[mask], slow.log_softmax(-1)[mask], atol=2e-3)
+    tol = run_tols(smollm2, tokens, mask, [UniformSwap(method="pattern")])["logprob"]
+    assert torch.allclose(fast.log_softmax(-1)[mask], slow.log_softmax(-1)[mask], atol=tol, rtol=0)
     assert (fast.argmax(-1) == slow.argmax(-1))[mask].all()
 
 
@@ -148,7 +158,8 @@ def test_only_chosen_heads_change(tiny_arch):
     kv = 2 // (a.n_heads // a.n_kv_heads)
     w = uniform_pattern(a.reach(0, mask)).double()
     want = w @ v[:, :, kv].double()
-    assert torch.allclose(z1[:, :, 2][mask].double(), want[mask], atol=1e-6)
+    tol = float(dot_tol(v.abs().max(), tokens.shape[1]))  # a float32 mean of at most T values
+    assert torch.allclose(z1[:, :, 2][mask].double(), want[mask], atol=tol, rtol=0)
 
 
 def test_uniform_pattern_rows():
@@ -169,7 +180,7 @@ def test_pattern_fn_custom_and_leak_check(tiny_arch):
     tokens, mask = ew.tokenize(a, TEXTS, padding_side="left")
     same = _swapped_logits(tiny_arch, tokens, mask, UniformSwap(pattern_fn=lambda m, layer: uniform_pattern(a.reach(layer, m))))
     ref = _swapped_logits(tiny_arch, tokens, mask, UniformSwap(method="pattern"))
-    assert torch.allclose(same[mask], ref[mask], atol=1e-6)
+    assert torch.equal(same[mask], ref[mask])  # the same pattern written at the same hook
 
     def future(m, layer):
         n = m.shape[1]

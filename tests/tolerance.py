@@ -124,3 +124,47 @@ def resid_tol(adapter, x: torch.Tensor) -> float:
     terms of a residual sum are no larger than the residual in these models; a model whose
     sublayers cancel far larger terms would need its own bound)."""
     return resid_rel(adapter) * float(x.detach().abs().max())
+
+
+def forward_tols(adapter, final_resid: torch.Tensor, logprobs: torch.Tensor, other: torch.Tensor | None = None,
+                 *, rel: float | None = None) -> dict:
+    """Tolerances of the metrics of a (possibly edited) forward pass, against another correct
+    computation of the same forward (another batching, a resumed pass, another route through
+    the same attention), from that forward's own magnitudes: ``final_resid`` ``[rows, d_model]``
+    and its float64 log-probs ``[rows, vocab]``; ``other``: the log-probs a KL compares them
+    with. ``rel``: the residuals' relative difference (default :func:`resid_rel`).
+
+    ``logit``: :func:`logit_tol` plus the residual moved by ``rel`` (each logit by ``2 rel S``);
+    ``logprob``/``loss``: :func:`logprob_tol` with the residual moved by ``rel``; a difference
+    of two losses twice that; ``kl``: :func:`kl_tol`'s largest row; ``cosine`` of two final
+    residuals: each moves by ``sqrt(d) rel`` of its norm at most, and a float32 cosine rounds
+    by three dot products."""
+    rel = resid_rel(adapter) if rel is None else rel
+    lp = logprob_tol(adapter, final_resid, logprobs, resid_rel=rel)
+    out = {"logit": logit_tol(adapter, final_resid) + 2 * rel * logit_scale(adapter, final_resid),
+           "logprob": lp, "loss": lp, "delta_loss": 2 * lp,
+           "cosine": 2 * math.sqrt(adapter.d_model) * rel + 3 * float(dot_tol(1.0, adapter.d_model))}
+    if other is not None:
+        out["kl"] = float(kl_tol(lp, logprobs, other).max())
+    return out
+
+
+def run_tols(model, tokens: torch.Tensor, mask: torch.Tensor, writers=(), other: torch.Tensor | None = None) -> dict:
+    """:func:`forward_tols` of the forward of ``model`` on ``tokens`` (``mask`` True on real
+    tokens) under ``writers``, from that forward's own final residuals and log-probs at the real
+    positions; ``other``: log-probs ``[batch, pos, vocab]`` a KL compares them with."""
+    import embedwalk as ew
+
+    finals, logits = [], []
+
+    class Final(ew.Reader):
+        def hook_points(self, adapter):
+            return [adapter.final_resid_hook]
+
+        def read(self, name, value, ctx):
+            finals.append(value.detach().clone())
+
+    ew.run(model, tokens, attention_mask=mask, readers=[Final()], writers=list(writers),
+           on_logits=lambda lg, ctx: logits.append(lg.detach()))
+    resid, lp = torch.cat(finals)[mask], torch.cat(logits).double().log_softmax(-1)[mask]
+    return forward_tols(ew.adapt(model), resid, lp, None if other is None else other[mask].double())
