@@ -12,6 +12,7 @@ import torch
 
 import embedwalk as ew
 from embedwalk.cli import build_parser, main
+from tolerance import logprob_tol
 from embedwalk.testing import installed_generation
 
 MODEL = ["--model", "tiny-llama", "--generation", installed_generation(), "--device", "cpu"]
@@ -69,15 +70,18 @@ def test_lens_logit_last_has_a_real_target(tmp_path):
     final = df[df.layer == df.layer.iloc[-1]].sort_values("prompt")
     for i, text in enumerate(texts):
         # The model's own logits at the last token, without embedwalk's readout.
+        a = ew.adapt(model)
         with torch.no_grad():
-            logits = model(model.to_tokens(text))[0, -1].double()
+            logits, cache = model.run_with_cache(model.to_tokens(text), names_filter=[a.final_resid_hook])
+        logits = logits[0, -1].double()
+        tol = logprob_tol(a, cache[a.final_resid_hook][0, -1], logits.log_softmax(-1))
         want = int(logits.argmax())
         rows = df[df.prompt == i]
         assert (rows.target == model.to_string(torch.tensor([want]))).all()
         assert (rows.target_rank >= 0).all() and rows.target_logprob.notna().all()
         row = final[final.prompt == i].iloc[0]
         assert row.target_rank == 0
-        assert row.target_logprob == pytest.approx(float(logits.log_softmax(-1)[want]), abs=1e-4)
+        assert row.target_logprob == pytest.approx(float(logits.log_softmax(-1)[want]), abs=tol)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from conftest import GENERATION, make_tiny
+from tolerance import resid_tol
+from embedwalk import adapt
 from embedwalk.errors import EmbedwalkError
 from embedwalk.store import cache_activations, merge, open_store
 
@@ -36,8 +38,9 @@ def test_two_ranks_merged_equal_single_process(tmp_path):
     key = lambda b: torch.argsort(b.prompt * 1000 + b.position.long())  # noqa: E731
     km, ks = key(m), key(s)
     assert torch.equal(m.tokens[km], s.tokens[ks])
-    for h in single.hooks:
-        assert torch.allclose(m[h][km], s[h][ks], atol=1e-5)
+    a = adapt(make_tiny("gpt2"))
+    for h in single.hooks:  # other batches: two forwards that may round differently
+        assert torch.allclose(m[h][km], s[h][ks], atol=resid_tol(a, s[h]), rtol=0)
     assert open_store(out, verify=True).manifest["ranks"] == ["rank-00000-of-00002", "rank-00001-of-00002"]
     # a missing rank is named instead of merged silently
     (out / "rank-00001-of-00002" / "manifest.json").unlink()
