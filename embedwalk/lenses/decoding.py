@@ -239,7 +239,7 @@ def decoding_walk(
     for _ in progress_bar(range(max_new_tokens), desc="decoding_walk", unit="token", progress=progress):
         own = []
         reader = LastPositionReader()
-        (resid,) = run(model, seq[None], readers=[reader], on_logits=lambda lg, ctx: own.append(lg[0, -1].detach()))
+        (resid,) = run(a, seq[None], readers=[reader], on_logits=lambda lg, ctx: own.append(lg[0, -1].detach()))
         logits = own[0].float()
         logp = logits.log_softmax(-1)
         with torch.no_grad():

@@ -400,7 +400,7 @@ def decompose(
     position %= n
     reader = DecompositionReader(layer, stage, position, by_source)
     final_logits = []
-    (got,) = run(model, tokens, readers=[reader], on_logits=lambda lg, ctx: final_logits.append(lg[0, position].detach()))
+    (got,) = run(a, tokens, readers=[reader], on_logits=lambda lg, ctx: final_logits.append(lg[0, position].detach()))
     token_id = int(final_logits[0].argmax()) if token is None else a.token_id(token)
 
     attn_layers, mlp_layers = reader._layers(a)

@@ -762,7 +762,7 @@ def logit_lens(
         translator=translator, chunk_size=chunk_size, fused=fused,
     )
     (result,) = run(
-        model, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size,
+        adapter, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size,
         prepend_bos=prepend_bos, padding_side=padding_side, progress=progress,
     )
     return result

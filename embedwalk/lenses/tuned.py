@@ -385,7 +385,7 @@ def train_tuned_lens(
     n_texts = 1 if isinstance(texts, str) else (texts.shape[0] if texts.ndim > 1 else 1) if isinstance(texts, Tensor) else len(texts)
     with progress_scope(epochs * n_texts, f"train_tuned_lens ({epochs} epoch{'s' if epochs > 1 else ''})", progress=progress):
         for _ in range(epochs):
-            (train_kl,) = run(model, texts, readers=[trainer], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
+            (train_kl,) = run(adapter, texts, readers=[trainer], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
             history += trainer.history
             trainer.history = []
     lens.meta.update({"train_kl": train_kl, "history": history, "optimizer": optimizer, "lr": lr, "epochs": epochs, "step_tokens": step_tokens})
