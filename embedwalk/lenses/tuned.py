@@ -96,7 +96,7 @@ class TunedLens(torch.nn.Module):
             f"model {self.model_name or '(unnamed)'}, d_model {self.d_model}, {n_params:,} parameters",
             f"readouts ({len(self.labels)}): {readouts}",
             f"basis: {describe(self.basis) if self.basis is not None else 'unrecorded (a file from before bases were recorded)'}",
-            f"model: fingerprint {self.fingerprint['digest'][:12]}..." if self.fingerprint is not None else UNVERIFIED
+            f"model: fingerprint {self.fingerprint['digest'][:12]} (verified on load and use)" if self.fingerprint is not None else UNVERIFIED
             + (" (checked by its unembedding hash only)" if self.unembed_hash else ""),
         ])
 
