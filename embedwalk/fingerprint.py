@@ -24,16 +24,18 @@ change of a single element changes its row sum and its column sum; a permutation
 cryptographic hash: an edit built to keep every row and column sum of a tensor would pass.
 
 **Why this and what it costs.** The alternative, SHA-256 over all weight bytes, runs on the
-host only (a GPU model would be copied off the device) at ~0.2 GB/s per core; version
-counters (``tensor._version``) cost nothing but miss ``param.data.copy_(...)`` and
+host only (a GPU model would be copied off the device) at a few hundred MB/s per core;
+version counters (``tensor._version``) cost nothing but miss ``param.data.copy_(...)`` and
 ``param.data[i] = x``, which do not bump them. The row/column sums read each weight once,
-vectorised, with no copy for float32 (a 16-bit tensor is widened a block of rows at a time).
-Measured on the project's 2-core x86-64 CPU (torch 2.x, 1 thread, median of 5, see
-CHANGELOG): SmolLM2-135M float32 ~0.16 s against ~2.2 s for one forward pass of 4 x 128
-tokens; a 1.1B-parameter Llama shape (d_model 2048, 22 layers) float32 ~1.5 s against ~13 s,
-bfloat16 ~2.0 s against ~17 s. The adapter computes it once per :func:`embedwalk.adapt` of
-a model (each public call adapts its model once and passes the adapter on), so a call pays
-it once.
+vectorised, with no copy for float32 and bfloat16 (bfloat16 bits widened to float32 are the
+same bits times 2**16, so their int16 sums give the widened sums exactly; float16 is widened a
+block of rows at a time). Measured with ``time.perf_counter``, median of 5 (3 for the 1B
+forward), torch 2.13 CPU, 1 thread, on the project's 2-core x86-64 machine while it was shared
+and loaded (load ~6; the ratios are what carries over): SmolLM2-135M float32 0.40 s against
+4.8 s for one forward pass of 4 x 128 tokens (8%); a 1.1B-parameter Llama shape (d_model
+2048, 22 layers, 32000 vocab) float32 6.5 s against 55 s (12%), bfloat16 BF16_FIGURES.
+:func:`embedwalk.adapt` takes it once per call with a model (public functions adapt their
+model once and hand the adapter on), so a public call pays it once.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ ALGORITHM = "embedwalk-rowcol-v1"
 #: What an artefact's repr says about a model identity written without a fingerprint.
 UNVERIFIED = "model unverified: written before embedwalk fingerprinted the whole model"
 
-# Rows of a 16-bit tensor widened to float32 at a time: ~16 MB of float32 per block.
+# Elements of a float16 tensor widened to float32 at a time: 16 MB of float32 per block.
 _BLOCK = 1 << 22
+# Bytes of rows summed both ways at a time on the CPU (fits in L2).
+_CACHE = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -102,13 +106,31 @@ def _canonical(t: Tensor) -> Tensor:
 
 
 def _sums(x: Tensor) -> tuple[Tensor, Tensor]:
-    if x.dtype in (torch.int32, torch.int64):
-        return x.sum(1, dtype=x.dtype), x.sum(0, dtype=x.dtype)
+    """Row and column sums of ``x`` in its own integer width, wrapping (exact modulo 2**bits)."""
+    if x.dtype not in (torch.int16, torch.int32, torch.int64):
+        return _widened_sums(x)
+    # On the CPU a block of rows of ~256 KB is summed both ways while it is in cache (1.5x
+    # faster than two passes over the tensor); a GPU takes the tensor in one kernel each way.
+    step = max(1, _CACHE // (x.shape[1] * x.element_size())) if x.device.type == "cpu" else max(1, x.shape[0])
+    rows, cols = [x.sum(1, dtype=x.dtype)], x.sum(0, dtype=x.dtype)  # what an empty tensor gives
+    if x.shape[0] > 0:
+        rows, cols = [], None
+        for r0 in range(0, x.shape[0], step):
+            part = x[r0 : r0 + step]
+            rows.append(part.sum(1, dtype=x.dtype))
+            c = part.sum(0, dtype=x.dtype)
+            cols = c if cols is None else cols.add_(c)
+    rows = torch.cat(rows) if len(rows) > 1 else rows[0]
     if x.dtype == torch.int16:
         # bfloat16 bits: widened to float32 they are the same bits times 2**16, so the widened
-        # tensor's int32 sums are (int16 sums mod 2**16) * 2**16, the same numbers ~10x faster
-        # than widening (which would cost more than the forward pass on a bfloat16 CPU).
-        return tuple(x.sum(d, dtype=torch.int16).to(torch.int32) * 65536 for d in (1, 0))
+        # tensor's int32 sums are (int16 sums mod 2**16) * 2**16: the same numbers ~10x faster
+        # than widening (which on a CPU with bfloat16 matrix units costs more than a forward).
+        rows, cols = rows.to(torch.int32) * 65536, cols.to(torch.int32) * 65536
+    return rows, cols
+
+
+def _widened_sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    """float16 (and complex) values widened to float32 a block of rows at a time, then summed."""
     rows, cols = [], None
     step = max(1, _BLOCK // max(1, x.shape[1]))
     for r0 in range(0, x.shape[0], step):
