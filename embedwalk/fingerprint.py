@@ -112,8 +112,9 @@ def _sums(x: Tensor) -> tuple[Tensor, Tensor]:
     # On the CPU a block of rows of ~256 KB is summed both ways while it is in cache (1.5x
     # faster than two passes over the tensor); a GPU takes the tensor in one kernel each way.
     step = max(1, _CACHE // (x.shape[1] * x.element_size())) if x.device.type == "cpu" else max(1, x.shape[0])
-    rows, cols = [x.sum(1, dtype=x.dtype)], x.sum(0, dtype=x.dtype)  # what an empty tensor gives
-    if x.shape[0] > 0:
+    if x.shape[0] == 0:
+        rows, cols = [x.sum(1, dtype=x.dtype)], x.sum(0, dtype=x.dtype)
+    else:
         rows, cols = [], None
         for r0 in range(0, x.shape[0], step):
             part = x[r0 : r0 + step]
