@@ -29,11 +29,13 @@ version counters (``tensor._version``) cost nothing but miss ``param.data.copy_(
 ``param.data[i] = x``, which do not bump them. The row/column sums read each weight once,
 vectorised, with no copy for float32 and bfloat16 (bfloat16 bits widened to float32 are the
 same bits times 2**16, so their int16 sums give the widened sums exactly; float16 is widened a
-block of rows at a time). Measured with ``time.perf_counter``, median of 5 (3 for the 1B
-forward), torch 2.13 CPU, 1 thread, on the project's 2-core x86-64 machine while it was shared
-and loaded (load ~6; the ratios are what carries over): SmolLM2-135M float32 0.40 s against
-4.8 s for one forward pass of 4 x 128 tokens (8%); a 1.1B-parameter Llama shape (d_model
-2048, 22 layers, 32000 vocab) float32 6.5 s against 55 s (12%), bfloat16 BF16_FIGURES.
+block of rows at a time); on the CPU each block of rows of ~256 KB is summed both ways
+while it is in cache. Measured with ``time.perf_counter``, median of 5 (3 for the 1B forward
+passes), torch 2.13 CPU, 1 thread, on the project's 2-core x86-64 machine (AVX-512, AMX):
+SmolLM2-135M float32 0.12 s against 1.31 s for one forward pass of 4 x 128 tokens (9%); a
+1.1B-parameter Llama shape (d_model 2048, 22 layers, 32000 vocab) float32 0.61 s against
+7.4 s (8%), bfloat16 0.32 s against 1.7 s (19%: the CPU's bfloat16 matrix units make that
+forward pass 4x faster, while the fingerprint, like any content check, must read every byte).
 :func:`embedwalk.adapt` takes it once per call with a model (public functions adapt their
 model once and hand the adapter on), so a public call pays it once.
 """

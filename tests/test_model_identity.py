@@ -101,9 +101,10 @@ def test_a_data_edit_rebuilds_the_adapter_and_its_caches():
 
 def test_fingerprint_covers_every_tensor_once_and_widening_keeps_it():
     model = make_tiny("gpt2")
-    ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    roots = [model] + [m for m in [model.__dict__.get("original_model")] if m is not None]
+    ids = {id(t) for r in roots for t in list(r.parameters()) + list(r.buffers())}
     fp = fingerprint(model)
-    assert len(fp.tensors) >= len(ids)  # hand count: every parameter and buffer (and the wrapped HF model's)
+    assert len(fp.tensors) == len(ids)  # hand count: every parameter and buffer (and the wrapped HF model's), once
     t = torch.randn(5, 7).to(torch.bfloat16)
     m16, m32 = torch.nn.Linear(7, 5, bias=False), torch.nn.Linear(7, 5, bias=False)
     with torch.no_grad():
