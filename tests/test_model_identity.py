@@ -3,6 +3,7 @@ adapter derives from the weights follows them: a weight edit between two calls i
 served stale, and artefacts of another model (even one with the same unembedding) are refused
 by name."""
 
+import dataclasses
 import json
 import math
 
@@ -141,6 +142,7 @@ def test_store_resume_and_a_complete_store_refuse_a_body_edit(tmp_path):
         cache_activations(other, STORE_TEXTS, done, **KW)  # no rows of another model handed back
     assert cache_activations(model, STORE_TEXTS, done, **KW).n_prompts == store.n_prompts
     assert store.manifest["config"]["model"]["fingerprint"]["digest"] == model_fingerprint(model)
+    assert store.model_verified and "unverified" not in repr(store)
 
 
 def test_a_store_without_fingerprint_reads_unverified_and_is_not_resumed(tmp_path):
@@ -157,7 +159,8 @@ def test_a_store_without_fingerprint_reads_unverified_and_is_not_resumed(tmp_pat
     m["config_hash"] = mf.config_hash(m["config"])
     path.write_text(json.dumps(m))
     old = open_store(out)
-    assert len(old) > 0 and "model unverified" in describe_identity(identity_of(old))
+    assert len(old) > 0 and "model unverified" in describe_identity(identity_of(old)) and "model unverified" in repr(old)
+    assert not old.model_verified
     with pytest.raises(EmbedwalkError, match="before embedwalk fingerprinted the whole model.*new --out"):
         cache_activations(model, STORE_TEXTS, out, **KW)
 
@@ -185,3 +188,9 @@ def test_concept_fit_refuses_a_body_edit():
     probe.check_compatible(model)
     with pytest.raises(EmbedwalkError, match=rf"the models differ \(the unembedding matches but the body differs: 1 of \d+ tensors changed, first {name}\).*Refit"):
         probe.check_compatible(other)
+    # a fit from before fingerprints (unembedding hash only) is still used, and says unverified
+    old_ident = {k: v for k, v in probe.fitted_in.items() if k != "fingerprint"} | {"W_U_sha256": "0" * 64}
+    old = dataclasses.replace(probe, fitted_in=old_ident)
+    old.check_compatible(other)
+    assert "model unverified" in repr(old)
+    torch.testing.assert_close(old.logits(x, source=model), probe.logits(x, source=model))
