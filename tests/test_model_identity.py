@@ -87,14 +87,19 @@ def test_a_bias_loaded_after_first_use_is_not_served_stale(how):
 
 
 def test_a_data_edit_rebuilds_the_adapter_and_its_caches():
+    from embedwalk.association import probes
+
     model = make_tiny("llama")
     a = ew.adapt(model)
     parts = a.readout_parts()
+    probes.bypass_exact(a)
+    assert a in probes._BYPASS
     assert ew.adapt(model) is a  # no change: the cached adapter
     name, w = _body_weight(model)
     w.data[0, 0] += 1.0  # no version bump
     b = ew.adapt(model)
     assert b is not a and b.readout_parts() is not parts
+    assert b not in probes._BYPASS  # the probe result of the old weights is not reused
     assert b.fingerprint.digest == model_fingerprint(model) != a.fingerprint.digest
     changed = [n for n in a.fingerprint.tensors if a.fingerprint.tensors[n] != b.fingerprint.tensors[n]]
     assert changed == [name]  # hand count: exactly the edited tensor
