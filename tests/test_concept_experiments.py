@@ -244,8 +244,10 @@ def test_fit_from_store_equals_in_memory_fit_and_cli(tiny_arch, tmp_path, capsys
     # the fit records the store's model and residual basis, and refuses another model's
     assert fit.fitted_in == store.manifest["config"]["model"] and ref.fitted_in is None
     fit.check_compatible(tiny_arch)
-    with pytest.raises(EmbedwalkError, match=r"the models differ \(their unembedding hash differs\)"):
-        fit.check_compatible({**fit.fitted_in, "W_U_sha256": "0" * 64})
+    fp = fit.fitted_in["fingerprint"]
+    tampered = {**fp, "digest": "0" * 64, "tensors": {**fp["tensors"], fp["unembed"]: "0" * 16}}
+    with pytest.raises(EmbedwalkError, match=r"the models differ \(the weights differ, the unembedding among them: 1 of"):
+        fit.check_compatible({**fit.fitted_in, "fingerprint": tampered})
     rev, _ = fit_from_store(store, "resid_post.1", "meta:label,topic", reverse=True, group="topic")
     assert rev.coef.shape == (1 + 5, ew.adapt(tiny_arch).d_model)
     assert main(["concepts", "fit", "--store", str(tmp_path / "s"), "--x", "resid_post.1", "--y", "meta:label",

@@ -70,7 +70,7 @@ def test_probe_and_ridge_record_the_basis_and_refuse_another(raw, processed, tmp
     # the identity is the one store manifests and tuned lenses record, in the file's JSON
     with safe_open(str(tmp_path / "r.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["embedwalk"])
-    assert set(meta["fitted_in"]) >= {"name", "d_model", "W_U_sha256", "residual_basis"}
+    assert set(meta["fitted_in"]) >= {"name", "d_model", "fingerprint", "residual_basis"}
 
     lg = fit_logistic_probe(tensor_batches(x, LABELS), 2, source=raw, max_iter=5)
     with pytest.raises(EmbedwalkError, match=BASES):
@@ -107,7 +107,7 @@ def test_another_model_in_the_same_basis_is_refused_as_another_model(raw, tmp_pa
     not point at compatibility mode; each class is named in the singular."""
     other = make_tiny("gpt2", seed=1)
     x, x_other = _x(raw), _x(other)
-    model_msg = r"fitted on \S+ \(d_model=64, unembedding SHA-256 \w+\.\.\.\).*the models differ \(their unembedding hash differs\).*Refit"
+    model_msg = r"fitted on \S+ \(d_model=64, fingerprint \w+\.\.\.\).*the models differ \(the weights differ, the unembedding among them: \d+ of \d+ tensors changed.*\).*Refit"
     probe = fit_lda_probe(ClassStats(2, source=raw).update(x, LABELS))
     checks = {
         "this LinearProbe was": lambda: probe.predict(x_other, source=other),

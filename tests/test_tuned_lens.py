@@ -69,9 +69,9 @@ def test_save_load_and_refuse_another_model(tiny_arch, tmp_path):
                        logit_lens(tiny_arch, texts, translator=back).kl_to_final)
     arch = "llama" if ew.adapt(tiny_arch).n_kv_heads != ew.adapt(tiny_arch).n_heads else "gpt2"
     other = make_tiny(arch, seed=7)
-    with pytest.raises(EmbedwalkError, match="different unembedding"):
+    with pytest.raises(EmbedwalkError, match="the model given differs: the weights differ, the unembedding among them"):
         logit_lens(other, texts, translator=back)
-    with pytest.raises(EmbedwalkError, match="different unembedding"):
+    with pytest.raises(EmbedwalkError, match="the model given differs: the weights differ, the unembedding among them"):
         TunedLens.load(tmp_path / "lens", other)
     wider = make_tiny(arch, d_model=32)
     with pytest.raises(EmbedwalkError, match="d_model"):

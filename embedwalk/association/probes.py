@@ -23,7 +23,10 @@ from embedwalk.adapter import ModelAdapter
 __all__ = ["AttentionRoutes", "attention_routes", "value_offset"]
 
 _PROBE_LEN = 8
-_ROUTES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Probe results are cached per adapter, not per model object: adapt() builds a new adapter
+# when the model's mode or weights change (embedwalk.fingerprint), and a weight edit can
+# change what an edit at a hook point reaches.
+_ROUTES: "weakref.WeakKeyDictionary[ModelAdapter, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _heads(x: Tensor, n: int) -> Tensor:
@@ -78,13 +81,13 @@ class AttentionRoutes:
 
 
 def attention_routes(adapter: ModelAdapter) -> AttentionRoutes:
-    """Probe once per model (and compatibility mode) which attention hook edits take effect.
+    """Probe once per adapter (model, compatibility mode and weights) which attention hook edits take effect.
 
     One forward on ``[1, 8]`` probe ids with every layer's pattern replaced by all weight on
     the first key: where the edit reaches ``z``, every query's ``z`` equals the first key's
     value. Raises ArchitectureError if ``hook_v`` or ``hook_z`` never fires.
     """
-    cached = _ROUTES.get(adapter.model)
+    cached = _ROUTES.get(adapter)
     if cached is not None and cached[0] == _mode(adapter):
         return cached[1]
     order: list = []
@@ -134,7 +137,7 @@ def attention_routes(adapter: ModelAdapter) -> AttentionRoutes:
         reaches.append("p" in pos and pos["p"] < pos["z"] and float((z - first).abs().max()) <= tol)
         v_first.append(pos["v"] < pos["z"])
     routes = AttentionRoutes(tuple(reaches), tuple(fires), tuple(v_first))
-    _ROUTES[adapter.model] = (_mode(adapter), routes)
+    _ROUTES[adapter] = (_mode(adapter), routes)
     return routes
 
 
@@ -177,18 +180,18 @@ def value_offset(adapter: ModelAdapter) -> Tensor:
     return torch.stack(rows)
 
 
-_BYPASS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_BYPASS: "weakref.WeakKeyDictionary[ModelAdapter, tuple]" = weakref.WeakKeyDictionary()
 
 
 def bypass_exact(adapter: ModelAdapter) -> bool:
     """Whether the bypass forwards of :mod:`embedwalk.mixing` reproduce the hook route on this
-    model: checked once per model (and compatibility mode) on ``[1, 8]`` probe ids, every
+    model: checked once per adapter (model, compatibility mode and weights) on ``[1, 8]`` probe ids, every
     layer swapped to the running mean both ways, logits compared. Where it is not exact (or
     no layer has a bypass), the fast swap keeps the hook route.
     """
     from embedwalk.mixing import mixing_forward
 
-    cached = _BYPASS.get(adapter.model)
+    cached = _BYPASS.get(adapter)
     if cached is not None and cached[0] == _mode(adapter):
         return cached[1]
     tokens = _probe_tokens(adapter)
@@ -233,5 +236,5 @@ def bypass_exact(adapter: ModelAdapter) -> bool:
             plain = adapter.model(tokens).to(torch.float32)
         tol = (1e-4 if adapter.dtype == torch.float32 else 3e-2) * (1.0 + float(via_hooks.abs().max()))
         exact = float((via_bypass - via_hooks).abs().max()) <= tol < float((plain - via_hooks).abs().max())
-    _BYPASS[adapter.model] = (_mode(adapter), exact)
+    _BYPASS[adapter] = (_mode(adapter), exact)
     return exact

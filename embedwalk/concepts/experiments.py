@@ -558,7 +558,7 @@ def continuation_logprobs(
             out[i] = logp[r, lp - 1: lp + lc - 1].gather(-1, tgt[:, None]).sum().cpu()
 
     writers = [] if inserts is None else [EmbedWriter(inserts)]
-    run(model, tokens, attention_mask=mask, writers=writers, on_logits=on_logits,
+    run(a, tokens, attention_mask=mask, writers=writers, on_logits=on_logits,
         batch_size=batch_size, progress=progress)
     return out
 

@@ -282,7 +282,7 @@ def context_vectors(
 ) -> LayerVectors:
     """The residual at one token of each prompt (default: its last) at every readout point."""
     a = adapt(model)
-    (vecs,) = run(model, texts, readers=[PointsReader(positions)], batch_size=batch_size,
+    (vecs,) = run(a, texts, readers=[PointsReader(positions)], batch_size=batch_size,
                   prepend_bos=prepend_bos, progress=progress)
     return LayerVectors(vecs, point_labels(a), "context vector")
 
@@ -293,6 +293,6 @@ def segment_vectors(
 ) -> LayerVectors:
     """Each text reduced to one concept vector (``mean`` / ``weighted`` / ``last``) at every point."""
     a = adapt(model)
-    (out,) = run(model, texts, readers=[SegmentReader([reduce], skip_bos=skip_bos)],
+    (out,) = run(a, texts, readers=[SegmentReader([reduce], skip_bos=skip_bos)],
                  batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
     return LayerVectors(out[reduce], point_labels(a), f"{reduce} segment vector")

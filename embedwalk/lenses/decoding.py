@@ -242,8 +242,8 @@ def decoding_walk(
         for _ in range(max_new_tokens):
             own = []
             reader = LastPositionReader()
-            (resid,) = run(model, seq[None], readers=[reader], progress=progress,
-                               on_logits=lambda lg, ctx: own.append(lg[0, -1].detach()))
+            (resid,) = run(a, seq[None], readers=[reader], progress=progress,
+                           on_logits=lambda lg, ctx: own.append(lg[0, -1].detach()))
             logits = own[0].float()
             logp = logits.log_softmax(-1)
             with torch.no_grad():

@@ -404,8 +404,8 @@ def decompose(
     position %= n
     reader = DecompositionReader(layer, stage, position, by_source)
     final_logits = []
-    (got,) = run(model, tokens, readers=[reader], progress=progress,
-                 on_logits=lambda lg, ctx: final_logits.append(lg[0, position].detach()))
+    (got,) = run(a, tokens, readers=[reader], progress=progress,
+             on_logits=lambda lg, ctx: final_logits.append(lg[0, position].detach()))
     token_id = int(final_logits[0].argmax()) if token is None else a.token_id(token)
     spaced = a.spaced_token_id(token) if isinstance(token, str) else None
     if spaced is not None:  # token="Paris" where the model writes " Paris": the DLA of a slip

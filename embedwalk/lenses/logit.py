@@ -787,7 +787,7 @@ def logit_lens(
         pairs.append(two.float().cpu())
 
     (result,) = run(
-        model, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size,
+        adapter, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size,
         prepend_bos=prepend_bos, padding_side=padding_side, progress=progress,
         on_logits=on_logits if spaced is not None else None,
     )

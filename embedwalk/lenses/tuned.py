@@ -10,12 +10,15 @@ minibatches of ``step_tokens`` positions in ``end_batch``, with gradients for th
 only (``torch.autograd.grad``, so the model's own parameters never receive ``.grad``).
 Peak extra memory is about ``step_tokens * d_vocab * 4`` bytes times a few temporaries.
 
-Files: ``tuned_lens.safetensors`` + ``config.json`` holding a SHA-256 of the unembedding
-(``W_U`` and ``b_U``) and the residual basis the lens was fitted in
+Files: ``tuned_lens.safetensors`` + ``config.json`` holding the fingerprint of every
+parameter and buffer of the model (:mod:`embedwalk.fingerprint`, the identity store
+manifests and concept fits record) and the residual basis the lens was fitted in
 (:func:`embedwalk.basis.residual_basis`: raw, or processed with folded norms / centred
 residual / centred unembedding). A lens refuses a model in another basis (the same model in
 compatibility mode: centring drops the residual's mean, so no exact conversion exists) or
-with another unembedding (another model). The tuned-lens project's ``params.pt`` +
+with other weights (another model, or the same one fine-tuned or edited), naming what differs.
+A file written before fingerprints (``unembed_hash`` only) still loads and is checked by its
+unembedding hash; its repr says the model is unverified. The tuned-lens project's ``params.pt`` +
 ``config.json`` also load (:meth:`TunedLens.from_tuned_lens`); they are fitted on the Hugging
 Face model's own hidden states, the raw basis, and are refused on a processed model.
 """
@@ -35,6 +38,7 @@ from embedwalk.adapter import ModelAdapter, ReadoutPoint, adapt
 from embedwalk.basis import RAW, describe, residual_basis
 from embedwalk.casting import cast_finite
 from embedwalk.errors import EmbedwalkError
+from embedwalk.fingerprint import UNVERIFIED, Fingerprint, describe_difference
 from embedwalk.run import Context, Reader, run
 
 __all__ = ["TunedLens", "TunedLensTrainer", "train_tuned_lens", "load_tuned_lens", "unembedding_hash", "sample_text"]
@@ -45,7 +49,9 @@ FORMAT = "embedwalk-tuned-lens/1"
 
 
 def unembedding_hash(model) -> str:
-    """SHA-256 of the float32 unembedding (``W_U``, then ``b_U`` when the model has one)."""
+    """SHA-256 of the float32 unembedding (``W_U``, then ``b_U`` when the model has one): the
+    identity lens files recorded before embedwalk fingerprinted the whole model, still used to
+    check such files. New lenses record :func:`embedwalk.fingerprint.fingerprint`."""
     adapter = adapt(model)
     h = hashlib.sha256()
     for t in (adapter.W_U, adapter.b_U):
@@ -64,8 +70,12 @@ class TunedLens(torch.nn.Module):
     into :func:`embedwalk.logit_lens` as ``translator=``.
     """
 
-    def __init__(self, labels: Sequence[str], d_model: int, unembed_hash: str, *, model_name: str = "", meta: Optional[dict] = None, basis: Optional[dict] = None):
+    def __init__(self, labels: Sequence[str], d_model: int, unembed_hash: Optional[str] = None, *, model_name: str = "",
+                 meta: Optional[dict] = None, basis: Optional[dict] = None, fingerprint: Optional[dict] = None):
         super().__init__()
+        # The model's fingerprint (Fingerprint.to_json()); None: a file from before fingerprints,
+        # checked by its unembedding hash only.
+        self.fingerprint = dict(fingerprint) if fingerprint is not None else None
         self.basis = dict(basis) if basis is not None else None  # None: a file from before bases were recorded
         self.labels = list(labels)
         self.index = {lab: i for i, lab in enumerate(self.labels)}
@@ -87,6 +97,8 @@ class TunedLens(torch.nn.Module):
             f"model {self.model_name or '(unnamed)'}, d_model {self.d_model}, {n_params:,} parameters",
             f"readouts ({len(self.labels)}): {readouts}",
             f"basis: {describe(self.basis) if self.basis is not None else 'unrecorded (a file from before bases were recorded)'}",
+            f"model: fingerprint {self.fingerprint['digest'][:12]} (verified on load and use)" if self.fingerprint is not None else UNVERIFIED
+            + (" (checked by its unembedding hash only)" if self.unembed_hash else ""),
         ])
 
     @classmethod
@@ -102,7 +114,8 @@ class TunedLens(torch.nn.Module):
         if readouts is not None:
             final = adapter.readout_points(mid=mid)[-1]
             points = [p for p in _select_points(adapter.readout_points(mid=mid), readouts) if p != final]
-        lens = cls([p.label for p in points], adapter.d_model, unembedding_hash(adapter), model_name=_model_name(adapter), basis=residual_basis(adapter))
+        lens = cls([p.label for p in points], adapter.d_model, model_name=_model_name(adapter), basis=residual_basis(adapter),
+                   fingerprint=adapter.fingerprint.to_json())
         return lens.to(adapter.device)
 
     # -- use
@@ -126,7 +139,12 @@ class TunedLens(torch.nn.Module):
         )
 
     def check_model(self, model) -> None:
-        """Raise unless ``model`` has the width, residual basis and unembedding this lens was trained for."""
+        """Raise unless ``model`` has the width, residual basis and weights this lens was trained for.
+
+        Raises :class:`EmbedwalkError` naming what differs: the width, the basis, or (by the
+        fingerprint, :mod:`embedwalk.fingerprint`) which tensors, e.g. "the unembedding matches
+        but the body differs: 2 of 272 tensors changed, first model.layers.3.mlp.up_proj.weight".
+        A lens from before fingerprints is checked by its unembedding hash only."""
         adapter = adapt(model)
         if adapter.d_model != self.d_model:
             raise EmbedwalkError(
@@ -145,7 +163,15 @@ class TunedLens(torch.nn.Module):
                     "HookedTransformer.from_pretrained_no_processing), or train a lens for this one: "
                     "train_tuned_lens(model, texts)"
                 )
-        if self.unembed_hash and unembedding_hash(adapter) != self.unembed_hash:
+        mine = Fingerprint.from_json(self.fingerprint)
+        if mine is not None and mine.digest != adapter.fingerprint.digest:
+            raise EmbedwalkError(
+                f"this tuned lens was trained for {self.model_name or 'another model'} (fingerprint {mine.digest[:12]}...), "
+                f"but the model given differs: {describe_difference(mine, adapter.fingerprint)}. A lens is only valid for "
+                "the exact weights it was fitted on (a fine-tune, an edited or pruned model is another model). Pass "
+                "the model the lens was trained on, or train a lens for this one with train_tuned_lens(model, texts)"
+            )
+        if mine is None and self.unembed_hash and unembedding_hash(adapter) != self.unembed_hash:
             raise EmbedwalkError(
                 f"this tuned lens was trained for a model with a different unembedding ({self.model_name or 'unknown'}; "
                 "hash mismatch). A lens is only valid for the exact model it was fitted on - note that a "
@@ -168,7 +194,7 @@ class TunedLens(torch.nn.Module):
         config = {
             "format": FORMAT, "labels": self.labels, "d_model": self.d_model,
             "unembed_hash": self.unembed_hash, "model_name": self.model_name, "meta": self.meta,
-            "basis": self.basis,
+            "basis": self.basis, "fingerprint": self.fingerprint,
         }
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         return path
@@ -189,7 +215,8 @@ class TunedLens(torch.nn.Module):
         config = json.loads((path / CONFIG_FILE).read_text())
         if config.get("format") != FORMAT:
             raise EmbedwalkError(f"{path / CONFIG_FILE} is not an embedwalk tuned lens (format {config.get('format')!r})")
-        lens = cls(config["labels"], config["d_model"], config["unembed_hash"], model_name=config.get("model_name", ""), meta=config.get("meta"), basis=config.get("basis"))
+        lens = cls(config["labels"], config["d_model"], config.get("unembed_hash"), model_name=config.get("model_name", ""),
+                   meta=config.get("meta"), basis=config.get("basis"), fingerprint=config.get("fingerprint"))
         tensors = load_file(str(path / WEIGHTS_FILE))
         with torch.no_grad():
             for i in range(len(lens.labels)):
@@ -233,7 +260,8 @@ class TunedLens(torch.nn.Module):
         state = torch.load(path / "params.pt", map_location="cpu", weights_only=True)
         state = {k.removeprefix("layer_translators."): v for k, v in state.items() if not k.startswith("unembed.")}
         labels = [p.label for p in adapter.readout_points()[:n]]
-        lens = cls(labels, d_model, unembedding_hash(adapter), model_name=str(config.get("base_model_name_or_path", "")), meta={"source": "tuned-lens"}, basis=RAW)
+        lens = cls(labels, d_model, model_name=str(config.get("base_model_name_or_path", "")), meta={"source": "tuned-lens"}, basis=RAW,
+                   fingerprint=adapter.fingerprint.to_json())
         with torch.no_grad():
             for i in range(n):
                 if f"{i}.weight" not in state:
@@ -368,7 +396,7 @@ def train_tuned_lens(
     n_texts = 1 if isinstance(texts, str) else (texts.shape[0] if texts.ndim > 1 else 1) if isinstance(texts, Tensor) else len(texts)
     with progress_scope(epochs * n_texts, f"train_tuned_lens ({epochs} epoch{'s' if epochs > 1 else ''})", progress=progress):
         for _ in range(epochs):
-            (train_kl,) = run(model, texts, readers=[trainer], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
+            (train_kl,) = run(adapter, texts, readers=[trainer], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
             history += trainer.history
             trainer.history = []
     lens.meta.update({"train_kl": train_kl, "history": history, "optimizer": optimizer, "lr": lr, "epochs": epochs, "step_tokens": step_tokens})

@@ -136,7 +136,7 @@ def head_priority(
             "longer text (repeated words are what the graphs are built from)."
         )
     reader = HeadPriorityReader(graphs, layers=layers, exclude_bos=exclude_bos)
-    (result,) = run(model, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
+    (result,) = run(adapter, inputs, readers=[reader], attention_mask=attention_mask, batch_size=batch_size, progress=progress)
     if float(result.scores["n_positions"].sum()) == 0:
         raise EmbedwalkError(
             "no query position of `inputs` could be scored, so every score would be NaN: a position "

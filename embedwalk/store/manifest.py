@@ -106,16 +106,15 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(dumps(config).encode()).hexdigest()
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    t = t.detach().to("cpu").contiguous()
-    return hashlib.sha256(t.view(torch.uint8).numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().view(np.uint8)).hexdigest()
-
-
 def model_identity(adapter) -> dict:
-    """What the stored vectors' meaning depends on: the model (its unembedding's SHA-256) and
-    the residual basis its hook points live in (raw or processed weights)."""
+    """What the stored vectors' meaning depends on: the model (the fingerprint of every
+    parameter and buffer, :mod:`embedwalk.fingerprint`) and the residual basis its hook points
+    live in (raw or processed weights). The one identity store manifests, tuned lenses and
+    concept fits record; :func:`check_identity` compares two of them."""
+    from embedwalk.adapter import adapt
     from embedwalk.basis import residual_basis
 
+    adapter = adapt(adapter)
     cfg = adapter.cfg
     return {
         "name": str(getattr(cfg, "model_name", None) or type(adapter.model).__name__),
@@ -125,9 +124,34 @@ def model_identity(adapter) -> dict:
         "d_model": adapter.d_model,
         "d_vocab": adapter.d_vocab,
         "model_dtype": str(adapter.dtype).replace("torch.", ""),
-        "W_U_sha256": tensor_sha256(adapter.W_U.float()),
+        "fingerprint": adapter.fingerprint.to_json(),
         "residual_basis": residual_basis(adapter),
     }
+
+
+def identity_verified(ident: Optional[dict]) -> bool:
+    """Whether ``ident`` (a :func:`model_identity` record) carries a fingerprint; records
+    written before embedwalk fingerprinted the whole model (``W_U_sha256`` only) do not."""
+    from embedwalk.fingerprint import Fingerprint
+
+    return isinstance(ident, dict) and Fingerprint.from_json(ident.get("fingerprint")) is not None
+
+
+def model_mismatch(recorded: Optional[dict], now: Optional[dict]) -> Optional[str]:
+    """How the model of identity ``now`` differs from the ``recorded`` one, in words, or None
+    when they are the same model (or either side has no fingerprint: unverified, see
+    :func:`identity_verified`). Sizes first, then the fingerprint's per-tensor digests."""
+    from embedwalk.fingerprint import Fingerprint, describe_difference
+
+    if not isinstance(recorded, dict) or not isinstance(now, dict):
+        return None
+    for key in ("d_model", "d_vocab", "n_layers"):
+        if key in recorded and key in now and recorded[key] != now[key]:
+            return f"{key} differs ({recorded[key]} recorded, {now[key]} now)"
+    a, b = Fingerprint.from_json(recorded.get("fingerprint")), Fingerprint.from_json(now.get("fingerprint"))
+    if a is None or b is None or a.digest == b.digest:
+        return None
+    return describe_difference(a, b)
 
 
 def _raw(t: torch.Tensor) -> memoryview:

@@ -126,8 +126,17 @@ class ActivationStore:
     def n_prompts(self) -> int:
         return int(self.manifest["prompts"])
 
+    @property
+    def model_verified(self) -> bool:
+        """Whether the manifest records the fingerprint of the model that wrote the store
+        (:mod:`embedwalk.fingerprint`); stores written before fingerprints do not."""
+        return mf.identity_verified(self.manifest.get("config", {}).get("model"))
+
     def __repr__(self) -> str:
-        return f"ActivationStore({str(self.path)!r}, rows={len(self)}, prompts={self.n_prompts}, hooks={self.hooks}, dtype={self.manifest['dtype']})"
+        from embedwalk.fingerprint import UNVERIFIED
+
+        return (f"ActivationStore({str(self.path)!r}, rows={len(self)}, prompts={self.n_prompts}, hooks={self.hooks}, "
+                f"dtype={self.manifest['dtype']}" + ("" if self.model_verified else f", {UNVERIFIED}") + ")")
 
     def verify(self) -> None:
         """Recompute every shard's checksum; raise naming the first corrupt shard."""

@@ -383,7 +383,24 @@ def _prepare(directory: Path, manifest: dict) -> dict:
         mf.write_json_atomic(directory / mf.MANIFEST, manifest)
         return manifest
     if old.get("config_hash") != manifest["config_hash"]:
-        diffs = _diff(old.get("config", {}), manifest["config"])
+        old_cfg, new_cfg = old.get("config", {}), manifest["config"]
+        if not mf.identity_verified(old_cfg.get("model")):
+            raise EmbedwalkError(
+                f"{directory} was written before embedwalk fingerprinted the whole model (its manifest records "
+                "the unembedding only), so embedwalk cannot tell whether this model is the one its rows came from, "
+                "and resuming could mix rows of two models. Use a new --out directory; the store itself can still "
+                "be read with open_store"
+            )
+        # The per-tensor digests would fill the listing; the model line says what differs.
+        strip = lambda c: {**c, "model": {k: v for k, v in (c.get("model") or {}).items() if k != "fingerprint"}}  # noqa: E731
+        diffs = _diff(strip(old_cfg), strip(new_cfg))
+        why = mf.model_mismatch(old_cfg.get("model"), new_cfg.get("model"))
+        if why:
+            raise EmbedwalkError(
+                f"{directory} was written by another model than the one given now: {why}. Its rows and this "
+                "model's would mix in one store. Use a new --out directory for this model, or pass the model "
+                "the store was written with" + ("; the configuration differs too:\n  " + "\n  ".join(diffs[:8]) if diffs else "")
+            )
         raise EmbedwalkError(
             f"{directory} was written with a different configuration, so it cannot be resumed or mixed into:\n  "
             + "\n  ".join(diffs[:8] or ["(configuration hash differs)"])
