@@ -754,7 +754,7 @@ def _multiple_choice(a, model, items, texts, *, readout, reduction, reductions, 
                      batch_size, progress, n_points) -> MultipleChoiceResult:
     t0 = time.perf_counter()
     # One pass encodes every distinct segment, question and option alone.
-    (seg,) = run(model, list(texts), readers=[SegmentReader(reductions)], batch_size=batch_size,
+    (seg,) = run(a, list(texts), readers=[SegmentReader(reductions)], batch_size=batch_size,
                  progress=progress)
     gold = torch.tensor([int(it["answer"]) for it in items])
     similarity = {}
