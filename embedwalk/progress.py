@@ -182,12 +182,20 @@ class BatchWork:
         """``done`` of the current stage's ``total`` units are complete."""
         f = self.lo + (self.hi - self.lo) * min(1.0, done / total if total > 0 else 1.0)
         if f > self.done:
-            self.bar.update(self.rows * (f - self.done))
+            self._update(self.rows * (f - self.done))
             self.done = f
+
+    def _update(self, amount: float) -> None:
+        # Summed fractions can pass the total by a rounding error, which tqdm clamps with a
+        # warning: never step past it.
+        total, n = getattr(self.bar, "total", None), getattr(self.bar, "n", 0)
+        if total is not None:
+            amount = min(amount, max(0.0, total - n))
+        self.bar.update(amount)
 
     def finish(self) -> None:
         if self.done < 1.0:
-            self.bar.update(self.rows * (1.0 - self.done))
+            self._update(self.rows * (1.0 - self.done))
             self.done = 1.0
         n = getattr(self.bar, "n", 0)
         if isinstance(n, float) and abs(n - round(n)) < 1e-6:  # summed fractions: whole again

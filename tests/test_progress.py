@@ -43,6 +43,7 @@ def test_multiple_choice_shows_one_bar_for_all_passes(tiny_arch, capfd):
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.filterwarnings("error::tqdm.TqdmWarning")  # summed fractions must not pass the total
 def test_tuned_lens_training_counts_prompts_of_every_epoch(tiny_arch, capfd):
     ew.train_tuned_lens(tiny_arch, TEXTS, epochs=2, batch_size=4)
     assert _bars(capfd.readouterr().err) == {"train_tuned_lens (2 epochs)": (40, 40)}
@@ -136,3 +137,27 @@ def test_quick_calls_stay_quiet_until_the_delay(tiny_arch, monkeypatch, capfd):
     monkeypatch.setenv(DELAY_ENV, "soon")
     with pytest.raises(EmbedwalkError, match=DELAY_ENV):
         ew.logit_lens(tiny_arch, "w5 w6")
+
+
+def test_a_batch_share_never_passes_the_bar_total():
+    """Fractions of a batch summed over stages can pass the total by a rounding error (3 +
+    3.6e-15 for three one-prompt batches in 11 + 11 steps), which tqdm clamps with a warning;
+    the share stops at the total."""
+    from embedwalk.progress import BatchWork
+
+    class Bar:
+        total, n = 3, 0.0
+
+        def update(self, amount):
+            self.n += amount
+            assert self.n <= self.total, self.n
+
+    bar = Bar()
+    for _ in range(3):
+        work = BatchWork(bar, 1)
+        for lo, hi in ((0.0, 0.9), (0.9, 1.0)):
+            work.stage(lo, hi)
+            for i in range(1, 12):
+                work.advance(i, 11)
+        work.finish()
+    assert bar.n == 3
