@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from embedwalk.errors import EmbedwalkError
 from embedwalk.models import cache_dir, installed_generation, wrap
 
 __all__ = [
@@ -67,7 +68,7 @@ def tiny_tokenizer(vocab: int = VOCAB, padding_side: str = "right", *, pad_token
     from transformers import AutoTokenizer
 
     if pad_token not in ("<|endoftext|>", "<unk>"):
-        raise ValueError(f"pad_token must be '<|endoftext|>' or '<unk>', got {pad_token!r}")
+        raise EmbedwalkError(f"pad_token must be '<|endoftext|>' or '<unk>', got {pad_token!r}")
     tok = AutoTokenizer.from_pretrained(_tokenizer_dir(vocab, pad_token))
     tok.padding_side = padding_side
     return tok
@@ -165,7 +166,7 @@ def _pristine(family, seed, vocab, layers, d_model, dtype, stress):
     import transformers
 
     if family not in _FAMILY_SPECS:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        raise EmbedwalkError(f"family must be one of {FAMILIES}, got {family!r}")
     config_name, model_name, kwargs = _FAMILY_SPECS[family](d_model, layers, vocab)
     if stress:
         kwargs["initializer_range"] = 0.2
@@ -281,7 +282,7 @@ def tiny_hooked(hf_model, tokenizer, family: str, *, device: str = "cpu", proces
     from transformer_lens import HookedTransformer
 
     if family not in HOOKED_FAMILIES:
-        raise ValueError(f"TL 3 has no converter for family {family!r}; choose one of {HOOKED_FAMILIES}")
+        raise EmbedwalkError(f"TL 3 has no converter for family {family!r}; choose one of {HOOKED_FAMILIES}")
     # Config fields TL 3 reads under names transformers 5 no longer sets at the top level.
     if family == "phi" and not hasattr(hf_model.config, "partial_rotary_factor"):
         hf_model.config.partial_rotary_factor = hf_model.config.rope_parameters["partial_rotary_factor"]
@@ -340,7 +341,7 @@ def matrix_case(family: str, mode: str):
     Hugging Face model as the independent reference (booting wraps modules in place, so the
     reference is never the booted one). Shared: callers must not modify either."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise EmbedwalkError(f"mode must be one of {MODES}, got {mode!r}")
     model = tiny_model(family, "hooked" if mode == "hooked" else "bridge", stress=True)
     if mode == "compat":
         model.enable_compatibility_mode()

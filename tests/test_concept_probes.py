@@ -24,6 +24,7 @@ from embedwalk.concepts.probes import (
     fit_mass_mean_probe,
 )
 from embedwalk.concepts.stats import ClassStats, group_folds, tensor_batches
+from embedwalk.errors import EmbedwalkError
 
 
 
@@ -154,7 +155,7 @@ def test_group_shuffle_keeps_groups_whole_and_control_task_is_per_type():
     assert all(len(set(s[groups == g])) == 1 for g in range(30))
     assert sorted(s[::4]) == sorted(labels[::4])  # a permutation of the group labels
     assert not np.array_equal(s, labels)
-    with pytest.raises(ValueError, match="vary within a group"):
+    with pytest.raises(EmbedwalkError, match="vary within a group"):
         shuffle_labels_by_group(np.arange(120), groups)
 
     types = rng.integers(0, 12, 120)  # e.g. token ids, repeated across groups

@@ -10,6 +10,7 @@ import torch
 from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 
+from embedwalk.errors import EmbedwalkError
 from embedwalk.concepts.controls import permutation_test, ridge_cv_scorer
 from embedwalk.concepts.ridge import RidgeFit, fit_ridge, heldout_sse, ridge_path
 from embedwalk.concepts.stats import FoldedStats, MomentStats, group_folds
@@ -152,7 +153,7 @@ def test_result_object_dataframe_plot_and_roundtrip(tmp_path):
     np.testing.assert_allclose(back.coef.numpy(), fit.coef.numpy(), rtol=1e-12, atol=0)
     np.testing.assert_allclose(back.cv_r2.numpy(), fit.cv_r2.numpy(), rtol=1e-12, atol=0)
     assert back.target_names == list("abcde") and back.cv_r2_overall == fit.cv_r2_overall
-    with pytest.raises(ValueError):
+    with pytest.raises(EmbedwalkError):
         fit_ridge(_stream(x, y), [1.0, 2.0])  # plain stats cannot choose among alphas
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from embedwalk.errors import EmbedwalkError
 from embedwalk.concepts.stats import (
     ClassStats,
     FoldedStats,
@@ -102,7 +103,7 @@ def test_x_only_and_covariances():
     s = MomentStats().update(torch.tensor(x))
     assert s.n_targets == 0
     np.testing.assert_allclose(s.cov_xx().numpy(), np.cov(x.T), rtol=1e-10)
-    with pytest.raises(ValueError):
+    with pytest.raises(EmbedwalkError):
         s.update(torch.zeros(4, x.shape[1] + 1))
 
 
@@ -145,7 +146,7 @@ def test_folded_stats_never_split_a_group_across_batches():
             _assert_matches(fs.test(f), x[rows], y[rows])
             _assert_matches(fs.train(f), x[~rows], y[~rows])
     _assert_matches(fs.total(), x, y)
-    with pytest.raises(ValueError, match="groups"):
+    with pytest.raises(EmbedwalkError, match="groups"):
         fs.update(torch.tensor(x[:5]), torch.tensor(y[:5]))
 
 
@@ -197,7 +198,7 @@ def test_save_load_roundtrip_without_pickle(tmp_path):
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])  # safetensors layout
     assert json.loads(header["__metadata__"]["embedwalk"])["class"] == "MomentStats"
     assert MomentStats.load(tmp_path / "ms.safetensors").n == 500
-    with pytest.raises(ValueError):
+    with pytest.raises(EmbedwalkError):
         ClassStats.load(tmp_path / "ms.safetensors")
 
 

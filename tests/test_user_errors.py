@@ -112,3 +112,21 @@ def test_a_target_word_without_its_leading_space_hints_at_the_spaced_token(smoll
         warnings.simplefilter("error", EmbedwalkWarning)
         ew.decompose(smollm2, "The capital of France is", token=" Paris", by_source=False)
         ew.logit_lens(smollm2, "The capital of France is", targets=" Paris", readouts=[0], progress=False)
+
+
+def test_library_raises_no_bare_value_error():
+    """Every user error is an EmbedwalkError (a ValueError subclass naming the fix): no library
+    module raises a plain ValueError (read from the source, so a new one fails here)."""
+    import ast
+    from pathlib import Path
+
+    import embedwalk
+
+    bare = []
+    for path in Path(embedwalk.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                call = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(call, ast.Name) and call.id == "ValueError":
+                    bare.append(f"{path.name}:{node.lineno}")
+    assert not bare, bare

@@ -32,6 +32,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from embedwalk.errors import EmbedwalkError
+
 __all__ = [
     "shuffle_labels_by_group",
     "control_task_labels",
@@ -79,10 +81,10 @@ def shuffle_labels_by_group(labels, groups, seed: int | np.random.Generator = 0)
     lab = _to_numpy(labels)
     first, inverse = _group_index(groups)
     if lab.shape[0] != inverse.shape[0]:
-        raise ValueError("labels and groups must have the same number of rows")
+        raise EmbedwalkError("labels and groups must have the same number of rows")
     group_label = lab[first]
     if not np.array_equal(group_label[inverse], lab):
-        raise ValueError("labels vary within a group; a group-level shuffle needs one label per group")
+        raise EmbedwalkError("labels vary within a group; a group-level shuffle needs one label per group")
     perm = _rng(seed).permutation(len(first))
     return _like(group_label[perm][inverse], labels)
 
@@ -93,7 +95,7 @@ def control_task_labels(labels, types, seed: int | np.random.Generator = 0):
     lab = _to_numpy(labels)
     first, inverse = _group_index(types)
     if lab.shape[0] != inverse.shape[0]:
-        raise ValueError("labels and types must have the same number of rows")
+        raise EmbedwalkError("labels and types must have the same number of rows")
     draw = _rng(seed).integers(0, lab.shape[0], size=len(first))
     return _like(lab[draw][inverse], labels)
 

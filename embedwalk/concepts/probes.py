@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from embedwalk._summary import summary_repr
+from embedwalk.errors import EmbedwalkError
 from .fitted import check_same, describe_identity, identity_of
 from .stats import (
     ACC,
@@ -120,7 +121,8 @@ class LinearProbe:
     def direction(self) -> Float[Tensor, " p"]:
         """For two classes, the vector whose dot product separates them (class 1 - class 0)."""
         if self.n_classes != 2:
-            raise ValueError("direction is defined for two-class probes")
+            raise EmbedwalkError("direction is defined for two-class probes; this probe has "
+                                 f"{self.n_classes} classes: use .weight for one direction per class")
         return self.weight[1] - self.weight[0]
 
     def logits(self, x: Float[Tensor, "n p"], *, source=None) -> Float[Tensor, "n c"]:
@@ -159,7 +161,7 @@ class LinearProbe:
     def load(cls, path: str | Path) -> "LinearProbe":
         t, m = load_tensors(path)
         if m.get("class") != "LinearProbe":
-            raise ValueError(f"{path} holds {m.get('class')!r}, not a LinearProbe")
+            raise EmbedwalkError(f"{path} holds {m.get('class')!r}, not a LinearProbe")
         return cls(t["weight"], t["bias"], m["kind"], m["class_names"], t.get("counts"), m["meta"],
                    m.get("fitted_in"))
 
@@ -194,7 +196,7 @@ def fit_lda_probe(stats: ClassStats, *, shrinkage: float = 0.1) -> LinearProbe:
     keeps Σ invertible when p is large next to n, as it is for residual streams.
     """
     if not 0.0 <= shrinkage <= 1.0:
-        raise ValueError("shrinkage must lie in [0, 1]")
+        raise EmbedwalkError(f"shrinkage must lie in [0, 1] (0: the pooled covariance, 1: the average variance times the identity), got {shrinkage!r}")
     cov = stats.within_cov(ddof=0)
     p = cov.shape[0]
     target = cov.diagonal().sum() / p
@@ -273,7 +275,7 @@ def _train_logistic(
             x = x.to(device=device)
             y = y.to(device=device)
             if y.numel() and (y.min() < 0 or y.max() >= n_classes):
-                raise ValueError(f"labels must lie in [0, {n_classes})")
+                raise EmbedwalkError(f"labels must lie in [0, {n_classes})")
             fold = (torch.zeros(len(y), dtype=torch.long, device=device) if fold_fn is None
                     else fold_fn(g, len(y)).to(device))
             yield x, y, fold
@@ -288,7 +290,7 @@ def _train_logistic(
         class_counts.index_put_((fold, y), torch.ones(len(y), dtype=ACC, device=device),
                                 accumulate=True)
     if diag is None:
-        raise ValueError("no batches")
+        raise EmbedwalkError("no batches: pass an iterable of (x [n, d], labels [n]) batches with at least one row")
     p = diag.mean.shape[1]
     folds = torch.arange(k, device=device)
     keeps = ([folds != m for m in range(k)] + [folds >= 0]) if fold_fn is not None else [folds >= 0]
@@ -479,7 +481,7 @@ def cross_validate_probe(
 
     def fold_fn(g, n):
         if g is None:
-            raise ValueError("cross-validation needs batches of (x, labels, groups)")
+            raise EmbedwalkError("cross-validation needs batches of (x, labels, groups)")
         return torch.from_numpy(group_folds(g, n_folds, seed))
 
     if method in _STAT_METHODS:
@@ -506,7 +508,7 @@ def cross_validate_probe(
                                       counts.sum(0) - counts[f], meta, ident)
                        for f in range(n_folds) if counts[f].sum() > 0}
     else:
-        raise ValueError(f"unknown method {method!r}; use 'mass_mean', 'lda' or 'logistic'")
+        raise EmbedwalkError(f"unknown method {method!r}; use 'mass_mean', 'lda' or 'logistic'")
 
     confusion = torch.zeros(n_folds, n_classes, n_classes, dtype=torch.long)
     for batch in passes():

@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from embedwalk.errors import EmbedwalkError
 from embedwalk._summary import summary_repr
 from .fitted import check_same, describe_identity
 from .stats import ACC, FORMAT_VERSION, FoldedStats, MomentStats, load_tensors, save_tensors
@@ -57,7 +58,7 @@ class _EigenRidge:
 
     def __init__(self, stats: MomentStats):
         if stats.n < 1:
-            raise ValueError("cannot fit ridge on empty statistics")
+            raise EmbedwalkError("cannot fit ridge on empty statistics: update them with at least one batch of rows first")
         evals, self.V = torch.linalg.eigh(stats.sxx)
         self.evals = evals.clamp_min(0)  # round-off can make a PSD matrix's tiny eigenvalues negative
         self.W = self.V.T @ stats.sxy  # [p, q]: targets in the eigenbasis
@@ -206,7 +207,7 @@ class RidgeFit:
         from embedwalk.figures import visible_token
 
         if self.cv_r2_path is None:
-            raise ValueError("plot needs a fit from FoldedStats (no CV record here)")
+            raise EmbedwalkError("plot needs a fit from FoldedStats (no CV record here)")
         ax = ax or plt.subplots(figsize=(6.5, 4), constrained_layout=True)[1]
         a = self.alphas.cpu().numpy()
         path = self.cv_r2_path.cpu().numpy()
@@ -247,7 +248,7 @@ class RidgeFit:
     def load(cls, path: str | Path) -> "RidgeFit":
         t, m = load_tensors(path)
         if m.get("class") != "RidgeFit":
-            raise ValueError(f"{path} holds {m.get('class')!r}, not a RidgeFit")
+            raise EmbedwalkError(f"{path} holds {m.get('class')!r}, not a RidgeFit")
         return cls(n=m["n"], cv_fold_n=m["cv_fold_n"], target_names=m["target_names"],
                    feature_names=m["feature_names"], meta=m["meta"], fitted_in=m.get("fitted_in"),
                    **{k: t.get(k) for k in cls._TENSORS})
@@ -284,7 +285,7 @@ def fit_ridge(
     grid = grid.to(total.device)
     used = [f for f in range(stats.n_folds) if stats.folds[f].n > 0]
     if len(used) < 2:
-        raise ValueError(f"need at least two non-empty folds, have counts {stats.counts}")
+        raise EmbedwalkError(f"need at least two non-empty folds, have counts {stats.counts}")
     q = total.n_targets
 
     sse = torch.zeros(len(grid), q, dtype=ACC, device=total.device)
@@ -329,13 +330,13 @@ def fit_ridge(
 
 def _fit_plain(stats: MomentStats, alphas, names) -> RidgeFit:
     if alphas is None:
-        raise ValueError("plain MomentStats cannot choose alpha; pass one, or use FoldedStats")
+        raise EmbedwalkError("plain MomentStats cannot choose alpha; pass one, or use FoldedStats")
     alpha = torch.as_tensor(alphas, dtype=ACC, device=stats.device).reshape(-1)
     q = stats.n_targets
     if alpha.numel() == 1:
         alpha = alpha.expand(q).clone()
     elif alpha.numel() != q:
-        raise ValueError("with MomentStats pass one alpha or one per target (no CV to choose)")
+        raise EmbedwalkError("with MomentStats pass one alpha or one per target (no CV to choose)")
     solver = _EigenRidge(stats)
     coef = solver.coef(alpha)
     intercept = solver.intercept(coef)

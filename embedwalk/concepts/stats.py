@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from embedwalk.errors import EmbedwalkError
 from .fitted import describe_identity, identity_of, merged_identity
 
 __all__ = [
@@ -68,7 +69,7 @@ def _rows(a: ArrayLike, device: torch.device | None) -> Float[Tensor, "n d"]:
     if t.ndim == 1:
         t = t[:, None]
     if t.ndim != 2:
-        raise ValueError(f"expected a [n, d] array, got shape {tuple(t.shape)}")
+        raise EmbedwalkError(f"expected a [n, d] array, got shape {tuple(t.shape)}")
     return t.to(device=device or t.device, dtype=ACC, copy=True)
 
 
@@ -87,7 +88,7 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if _META_KEY not in header:
-        raise ValueError(f"{path} is not an embedwalk statistics file")
+        raise EmbedwalkError(f"{path} is not an embedwalk statistics file")
     return tensors, json.loads(header[_META_KEY])
 
 
@@ -120,7 +121,7 @@ def _agree_shape(dims: tuple[int, ...] | None, n_dims: int, group=None) -> tuple
     if agreed[0] < 0:
         return None
     if dims is not None and tuple(int(v) for v in agreed) != tuple(dims):
-        raise ValueError(f"ranks hold statistics of different shapes ({dims} here)")
+        raise EmbedwalkError(f"ranks hold statistics of different shapes ({dims} here)")
     return tuple(int(v) for v in agreed)
 
 
@@ -148,7 +149,7 @@ def group_folds(groups: ArrayLike, n_folds: int, seed: int = 0) -> Int[np.ndarra
     in expectation: with few groups some folds may be small or empty.
     """
     if n_folds < 2:
-        raise ValueError("n_folds must be >= 2")
+        raise EmbedwalkError(f"n_folds must be >= 2 (cross-validation holds one fold out), got {n_folds!r}")
     if isinstance(groups, Tensor):
         groups = groups.detach().cpu().numpy()
     g = np.asarray(groups)
@@ -256,11 +257,11 @@ class MomentStats:
         x = _rows(x, self.device)
         y = x.new_zeros(x.shape[0], 0) if y is None else _rows(y, x.device)
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+            raise EmbedwalkError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
         if not self.initialised:
             self._init(x.shape[1], y.shape[1], x.device)
         elif (x.shape[1], y.shape[1]) != (self.n_features, self.n_targets):
-            raise ValueError(
+            raise EmbedwalkError(
                 f"batch has p={x.shape[1]}, q={y.shape[1]}; stats have "
                 f"p={self.n_features}, q={self.n_targets}"
             )
@@ -301,7 +302,7 @@ class MomentStats:
         if not self.initialised:
             self._init(other.n_features, other.n_targets, other.device)
         if (other.n_features, other.n_targets) != (self.n_features, self.n_targets):
-            raise ValueError("cannot merge statistics of different shapes")
+            raise EmbedwalkError("cannot merge statistics of different shapes")
         d = self.device
         self._absorb(
             other.n,
@@ -428,7 +429,7 @@ class ClassStats:
     ):
         self.fitted_in: dict | None = identity_of(source)
         if class_names is not None and len(class_names) != n_classes:
-            raise ValueError("class_names must have n_classes entries")
+            raise EmbedwalkError("class_names must have n_classes entries")
         self.n_classes = int(n_classes)
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.device = torch.device(device) if device is not None else None
@@ -480,13 +481,13 @@ class ClassStats:
         x = _rows(x, self.device)
         labels = _as_tensor(y).reshape(-1).to(device=x.device, dtype=torch.long)
         if labels.shape[0] != x.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} rows but {labels.shape[0]} labels")
+            raise EmbedwalkError(f"x has {x.shape[0]} rows but {labels.shape[0]} labels")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_classes):
-            raise ValueError(f"labels must lie in [0, {self.n_classes})")
+            raise EmbedwalkError(f"labels must lie in [0, {self.n_classes})")
         if not self.initialised:
             self._init(x.shape[1], x.device)
         elif x.shape[1] != self.n_features:
-            raise ValueError(f"batch has p={x.shape[1]}, stats have p={self.n_features}")
+            raise EmbedwalkError(f"batch has p={x.shape[1]}, stats have p={self.n_features}")
         if x.shape[0] == 0:
             return self
         C, p = self.n_classes, x.shape[1]
@@ -511,14 +512,14 @@ class ClassStats:
 
     def merge(self, other: "ClassStats") -> "ClassStats":
         if other.n_classes != self.n_classes:
-            raise ValueError("cannot merge ClassStats with different n_classes")
+            raise EmbedwalkError("cannot merge ClassStats with different n_classes")
         self.fitted_in = _merge_identity(self, other)
         if not other.initialised:
             return self
         if not self.initialised:
             self._init(other.n_features, other.device)
         if other.n_features != self.n_features:
-            raise ValueError("cannot merge statistics of different shapes")
+            raise EmbedwalkError("cannot merge statistics of different shapes")
         d = self.device
         self._absorb(other.counts.to(d), other.means.to(d), other.sw.to(d))
         return self
@@ -618,7 +619,7 @@ def _merge_identity(a, b) -> dict | None:
 
 def _check_class(meta: dict, name: str) -> None:
     if meta.get("class") != name:
-        raise ValueError(f"file holds {meta.get('class')!r}, not {name!r}")
+        raise EmbedwalkError(f"file holds {meta.get('class')!r}, not {name!r}")
 
 
 class FoldedStats:
@@ -642,7 +643,7 @@ class FoldedStats:
         source=None,
     ):
         if n_folds < 2:
-            raise ValueError("n_folds must be >= 2")
+            raise EmbedwalkError(f"n_folds must be >= 2 (cross-validation holds one fold out), got {n_folds!r}")
         self.n_folds = int(n_folds)
         self.seed = int(seed)
         self.folds = [accumulator() for _ in range(self.n_folds)]
@@ -681,7 +682,7 @@ class FoldedStats:
         answers for keeping groups whole."""
         if folds is None:
             if groups is None:
-                raise ValueError(
+                raise EmbedwalkError(
                     "FoldedStats.update needs `groups`: folds are assigned by group "
                     "(prompt / entity), never by token"
                 )
@@ -689,9 +690,9 @@ class FoldedStats:
         f = _as_tensor(folds).reshape(-1).cpu().numpy().astype(np.int64)
         x = _as_tensor(x)
         if f.shape[0] != x.shape[0]:
-            raise ValueError(f"{f.shape[0]} fold/group ids for {x.shape[0]} rows")
+            raise EmbedwalkError(f"{f.shape[0]} fold/group ids for {x.shape[0]} rows")
         if f.size and (f.min() < 0 or f.max() >= self.n_folds):
-            raise ValueError(f"fold ids must lie in [0, {self.n_folds})")
+            raise EmbedwalkError(f"fold ids must lie in [0, {self.n_folds})")
         y = None if y is None else _as_tensor(y)
         order = np.argsort(f, kind="stable")
         bounds = np.searchsorted(f[order], np.arange(self.n_folds + 1))
@@ -728,7 +729,7 @@ class FoldedStats:
 
     def merge(self, other: "FoldedStats") -> "FoldedStats":
         if (other.n_folds, other.seed) != (self.n_folds, self.seed):
-            raise ValueError("cannot merge FoldedStats with different n_folds/seed")
+            raise EmbedwalkError("cannot merge FoldedStats with different n_folds/seed")
         merged_identity(self.fitted_in, other.fitted_in, "this FoldedStats object")  # refuse before changing any fold
         for a, b in zip(self.folds, other.folds):
             a.merge(b)
